@@ -1,0 +1,204 @@
+"""The one place that talks to MLflow. Stages return metrics; this module logs them (and the params,
+artifacts, models and lineage tags) around a stage's run(). Pure stage code never imports mlflow.
+
+Tracking URI: MLFLOW_TRACKING_URI if set, else the embedded default `sqlite:///<root>/mlflow.db`
+with artifacts in `<root>/mlartifacts` (git-ignored). A stage run nests under the pipeline's parent
+run when LMLINE_PARENT_RUN_ID is set (the flow sets it); started alone it is a top-level run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmline.config import Params, flatten
+
+PARENT_ENV = "LMLINE_PARENT_RUN_ID"
+MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer param values: those go in as an artifact instead
+
+log = logging.getLogger("lmline.tracking")
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = (root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def setup(params: Params, root: Path | None = None) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    name = params.project.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        # Only the embedded (sqlite) default needs an explicit artifact root; a server knows its own.
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent stage
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    mlflow.set_experiment(experiment_id=exp.experiment_id)
+    return exp.experiment_id
+
+
+def git_info(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_dep_hashes(stage: str, root: Path) -> dict[str, str]:
+    """DVC hashes of the stage's deps: a dir's hash from dvc.lock (where an upstream stage recorded
+    it as an out), a file's plain md5 (what DVC 3 records for files)."""
+    import yaml
+
+    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
+    if not dvc_yaml.exists():
+        return {}
+    from dvc.repo import Repo  # resolves ${paths.*} interpolation the way `dvc repro` does
+
+    try:
+        with Repo(str(root)) as repo:
+            st = next((s for s in repo.index.stages if getattr(s, "name", None) == stage), None)
+            deps = [str(Path(d.def_path)) for d in st.deps] if st else []
+    except Exception as exc:  # lineage is best effort; never fail a stage over it
+        log.debug("could not read dvc.yaml deps: %s", exc)
+        return {}
+    recorded: dict[str, str] = {}
+    if lock.exists():
+        for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in entry.get("outs", []):
+                recorded[str(Path(out["path"]))] = out.get("md5", "")
+    hashes = {}
+    for dep in deps:
+        p = root / dep
+        if p.is_file():
+            hashes[f"dvc.dep.{dep}"] = _md5(p)
+        elif dep in recorded:
+            hashes[f"dvc.dep.{dep}"] = recorded[dep]
+    return hashes
+
+
+def log_params(params_section: Any, prefix: str) -> None:
+    import mlflow
+
+    flat = flatten(params_section, prefix)
+    small = {k: v for k, v in flat.items() if len(json.dumps(v)) <= MLFLOW_PARAM_LIMIT}
+    long = {k: v for k, v in flat.items() if k not in small}
+    items = list(small.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_params(dict(items[i : i + 100]))
+    if long:
+        mlflow.log_dict(long, f"params/{prefix.rstrip('.') or 'params'}_long_values.json")
+
+
+def numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics and keep the numbers (MLflow metrics are floats)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(numeric(v, key + "."))
+        elif isinstance(v, bool):
+            out[key] = float(v)
+        elif isinstance(v, (int, float)):
+            out[key] = float(v)
+    return out
+
+
+def log_history_csv(path: Path, prefix: str) -> None:
+    """Step-wise training history from the plots CSV a stage writes (columns: step, <metric>...)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    if not path.exists():
+        return
+    rows = list(csv.DictReader(path.open()))
+    batch: list[Metric] = []
+    import time
+
+    ts = int(time.time() * 1000)
+    for row in rows:
+        step = int(float(row["step"]))
+        for key, value in row.items():
+            if key == "step" or value in ("", None):
+                continue
+            batch.append(Metric(f"{prefix}{key}", float(value), ts, step))
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+
+class StageRun:
+    """Handle the shell uses inside `stage_run` to log what the stage produced."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        import mlflow
+
+        nums = numeric(metrics)
+        if nums:
+            mlflow.log_metrics(nums)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path or path.name)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage: nested under $LMLINE_PARENT_RUN_ID when a pipeline started it.
+    The run ends FAILED if the stage raises, so no run is left RUNNING."""
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    setup(params, root)
+    parent = os.environ.get(PARENT_ENV) or None
+    base_tags = {"lmline.stage": stage, **git_info(root), **(tags or {})}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=base_tags) as run:
+        section = params.section(stage) if stage in params.model_fields else None
+        if section is not None:
+            log_params(section, f"{stage}.")
+        log_params(params.project, "project.")
+        try:
+            mlflow.set_tags(dvc_dep_hashes(stage, root))
+        except Exception as exc:  # lineage tags are best effort
+            log.debug("dvc hashes unavailable: %s", exc)
+        yield StageRun(run.info.run_id)
