@@ -50,14 +50,12 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
         write_json(config.metrics_path(params, name), metrics)
         tracked.log_metrics(metrics)
-        log_outputs = getattr(module, "log_outputs", None)
         tracked.log_artifact(config.metrics_path(params, name), "metrics")
         for key, path in outputs.items():
             # small outputs go to MLflow as artifacts; big data and models are DVC's job
             if path.is_file() and path.stat().st_size < 5_000_000:
                 tracked.log_artifact(path, key)
-        if log_outputs is not None:  # stage-specific extras (history, models) stay with the stage's shell
-            log_outputs(params, inputs, outputs, metrics, tracked)
+        tracked.log_stage_outputs(name, params, inputs, outputs, metrics)
     return metrics
 
 

@@ -176,6 +176,11 @@ class StageRun:
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path)
 
+    def log_stage_outputs(self, stage: str, params: Params, inputs: dict, outputs: dict, metrics: dict) -> None:
+        """Stage-specific extras: training history, models to the registry (filled in by the model stages)."""
+        if "loss" in outputs:
+            log_history_csv(Path(outputs["loss"]), "")
+
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow
 
