@@ -48,6 +48,8 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
         started = time.perf_counter()
         metrics = module.run(params, inputs, outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
+        # Which MLflow run produced these numbers: a later cached run of the stage links back to it.
+        metrics["mlflow_run_id"] = tracked.run_id
         write_json(config.metrics_path(params, name), metrics)
         tracked.log_metrics(metrics)
         tracked.log_artifact(config.metrics_path(params, name), "metrics")

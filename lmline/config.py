@@ -284,6 +284,19 @@ class PromoteConfig(Section):
     max_bpb_regression: Annotated[float, Field(ge=0)] = 0.05  # guard on the base model's bits per byte
 
 
+# ---------------------------------------------------------------- orchestration (Prefect)
+class OrchestrationConfig(Section):
+    retries: dict[str, Annotated[int, Field(ge=0)]] = {"pretrain": 1, "finetune": 1}  # per stage, transient failures
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 2.0
+
+    @model_validator(mode="after")
+    def _known_stages(self):
+        unknown = sorted(set(self.retries) - set(STAGES))
+        if unknown:
+            raise ValueError(f"retries names unknown stages {unknown} (stages: {', '.join(STAGES)})")
+        return self
+
+
 class Params(Section):
     project: ProjectConfig = ProjectConfig()
     paths: PathsConfig = PathsConfig()
@@ -294,6 +307,7 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _cross_refs(self):

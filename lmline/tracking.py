@@ -155,6 +155,76 @@ def log_history_csv(path: Path, prefix: str) -> None:
         client.log_batch(run_id, metrics=batch[i : i + 1000])
 
 
+REGISTERED_STAGES = ("pretrain", "finetune")
+PIPELINE_TASK = {"causal-lm": "text-generation", "classification": "text-classification"}
+
+
+def registered_model(params: Params, stage: str) -> tuple[str, str]:
+    """Registry name and transformers pipeline task of the model a stage produces."""
+    if stage == "pretrain":
+        return f"{params.project.name}-base", PIPELINE_TASK["causal-lm"]
+    return f"{params.project.name}-{params.finetune.task}", PIPELINE_TASK[params.finetune.task]
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit: MLflow's inference of requirements looks for torchvision and fails without it.
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")]
+
+
+def log_and_register_model(model_dir: Path, registered_name: str, task: str, metrics: dict) -> int:
+    """Log a saved transformers model (safetensors) with the transformers flavour and register a version."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForCausalLM if task == PIPELINE_TASK["causal-lm"] else AutoModelForSequenceClassification
+    model = auto.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if task == PIPELINE_TASK["causal-lm"]:
+        # Signature inference generates text: keep it short so it cannot run past the context length.
+        model.generation_config.max_new_tokens = 8
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name="model",
+        task=task,
+        registered_model_name=registered_name,
+        pip_requirements=_pip_requirements(),
+        await_registration_for=0,
+    )
+    version = int(info.registered_model_version)
+    client = mlflow.tracking.MlflowClient()
+    for key, value in numeric(metrics).items():
+        client.set_model_version_tag(registered_name, str(version), f"metric.{key}", f"{value:.6g}")
+    return version
+
+
+def resolve_model_uri(uri: str, dst: Path | None = None) -> Path:
+    """A `models:/name/version` or `models:/name@alias` URI -> a local dir with model and tokenizer,
+    loadable by transformers' Auto classes. Local paths pass through unchanged."""
+    from lmline.errors import LmlineError
+
+    if not uri.startswith("models:/"):
+        path = Path(uri)
+        if not (path / "config.json").exists():
+            raise LmlineError(f"{uri}: no model here (expected a saved transformers model dir with config.json)")
+        return path
+    import mlflow
+    import shutil
+
+    mlflow.set_tracking_uri(tracking_uri())
+    dst = dst or Path(tempfile.mkdtemp(prefix="lmline-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:
+        raise LmlineError(f"{uri}: cannot load from the MLflow registry at {tracking_uri()} ({exc})") from None
+    model_dir = local / "model"
+    tokenizer_dir = local / "components" / "tokenizer"
+    for f in tokenizer_dir.glob("*") if tokenizer_dir.exists() else []:
+        shutil.copy2(f, model_dir / f.name)  # one dir, as from_pretrained expects
+    return model_dir
+
+
 class StageRun:
     """Handle the shell uses inside `stage_run` to log what the stage produced."""
 
@@ -177,9 +247,14 @@ class StageRun:
             mlflow.log_artifact(str(path), artifact_path)
 
     def log_stage_outputs(self, stage: str, params: Params, inputs: dict, outputs: dict, metrics: dict) -> None:
-        """Stage-specific extras: training history, models to the registry (filled in by the model stages)."""
+        """Stage-specific extras: step-wise training history, and the trained model into the registry."""
         if "loss" in outputs:
             log_history_csv(Path(outputs["loss"]), "")
+        if stage in REGISTERED_STAGES:
+            name, task = registered_model(params, stage)
+            version = log_and_register_model(Path(outputs["model"]), name, task, metrics)
+            mlflow_tags = {"lmline.registered_model": name, "lmline.model_version": str(version)}
+            self.set_tags(mlflow_tags)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow
@@ -207,3 +282,107 @@ def stage_run(stage: str, params: Params, root: Path | None = None, tags: dict[s
         except Exception as exc:  # lineage tags are best effort
             log.debug("dvc hashes unavailable: %s", exc)
         yield StageRun(run.info.run_id)
+
+
+# ---------------------------------------------------------------- pipeline runs
+@contextlib.contextmanager
+def parent_run(params: Params, tags: dict[str, str], root: Path | None = None):
+    """The pipeline's parent run; stage processes nest under it through $LMLINE_PARENT_RUN_ID."""
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    setup(params, root)
+    with mlflow.start_run(run_name="retrain", tags={"lmline.pipeline": "retrain", **git_info(root), **tags}) as run:
+        yield run.info.run_id
+
+
+def log_cached_stage(stage: str, params: Params, metrics: dict, parent_id: str, root: Path | None = None) -> str:
+    """A stage DVC skipped still gets a nested run, tagged cached=true, carrying the metrics of the run
+    that produced its outputs (named by a tag), so every pipeline run shows the complete picture."""
+    import mlflow
+
+    root = (root or Path.cwd()).resolve()
+    setup(params, root)
+    tags = {
+        "lmline.stage": stage,
+        "cached": "true",
+        "lmline.produced_by_run": str(metrics.get("mlflow_run_id", "unknown")),
+        **git_info(root),
+    }
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags=tags, nested=True) as run:
+        nums = numeric(metrics)
+        if nums:
+            mlflow.log_metrics(nums)
+        return run.info.run_id
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.tracking.MlflowClient().get_run(run_id).data.tags)
+
+
+# ---------------------------------------------------------------- registry
+def client():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.tracking.MlflowClient()
+
+
+def alias_version(name: str, alias: str):
+    """The ModelVersion an alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def version_tags(name: str, version: int | str) -> dict[str, str]:
+    return dict(client().get_model_version(name, str(version)).tags)
+
+
+def set_version_tags(name: str, version: int | str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def set_alias(name: str, alias: str, version: int | str) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(name: str, alias: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().delete_registered_model_alias(name, alias)
+    except MlflowException:
+        pass
+
+
+def list_models(prefix: str = "") -> list[dict]:
+    """Registered models and their versions with aliases, tags and creation time (newest first)."""
+    c = client()
+    out = []
+    for rm in c.search_registered_models():
+        if prefix and not rm.name.startswith(prefix):
+            continue
+        aliases_by_version: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases_by_version.setdefault(str(version), []).append(alias)
+        versions = c.search_model_versions(f"name='{rm.name}'")
+        for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            out.append(
+                {
+                    "name": rm.name,
+                    "version": int(mv.version),
+                    "aliases": sorted(aliases_by_version.get(str(mv.version), [])),
+                    "created": mv.creation_timestamp,
+                    "run_id": mv.run_id,
+                    "tags": dict(mv.tags),
+                }
+            )
+    return out

@@ -1,0 +1,1 @@
+"""Prefect flows: the retrain pipeline, the promotion gate and the deployments."""
