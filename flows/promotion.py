@@ -115,7 +115,7 @@ def promote(
     if decision.promote:
         if champion_version is not None:
             tracking.set_version_tags(name, version, {"lmline.previous_champion": champion_version})
-        tracking.set_alias(name, "champion", version)
+        set_champion(name, version)
         challenger = tracking.alias_version(name, "challenger")
         if challenger is not None and int(challenger.version) == version:
             tracking.delete_alias(name, "challenger")
@@ -133,6 +133,16 @@ def promote(
     }
 
 
+def set_champion(name: str, version: int) -> None:
+    """Point `champion` at the version, and at the base LM it was fine-tuned from, so that
+    `models:/<name>-base@champion` is the language model behind the champion classifier."""
+    tracking.set_alias(name, "champion", version)
+    base = tracking.version_tags(name, version).get("lmline.base_model", "")
+    base_name, _, base_version = base.partition("/")
+    if base_name and base_version:
+        tracking.set_alias(base_name, "champion", int(base_version))
+
+
 def manual_promote(name: str, version: int, who: str, why: str) -> dict:
     """`lmline promote`: move champion by hand, recording who and why on the version."""
     before = tracking.alias_version(name, "champion")
@@ -141,7 +151,7 @@ def manual_promote(name: str, version: int, who: str, why: str) -> dict:
     if before is not None and int(before.version) != version:
         tags["lmline.previous_champion"] = before.version
     tracking.set_version_tags(name, version, tags)
-    tracking.set_alias(name, "champion", version)
+    set_champion(name, version)
     return {"model": name, "champion_before": before and int(before.version), "champion_after": version}
 
 
@@ -156,5 +166,5 @@ def rollback(name: str, who: str) -> dict:
     if not previous:
         raise LmlineError(f"{name}: champion v{current.version} has no previous champion recorded")
     tracking.set_version_tags(name, current.version, {"lmline.rolled_back_by": who})
-    tracking.set_alias(name, "champion", previous)
+    set_champion(name, int(previous))
     return {"model": name, "champion_before": int(current.version), "champion_after": int(previous)}

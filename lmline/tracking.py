@@ -199,6 +199,22 @@ def log_and_register_model(model_dir: Path, registered_name: str, task: str, met
     return version
 
 
+def producing_version(params: Params, stage: str) -> str:
+    """`name/version` of the model registered by the run that produced `stage`'s current outputs."""
+    metrics_file = Path(params.paths.metrics) / f"{stage}.json"
+    if not metrics_file.exists():
+        return ""
+    run_id = json.loads(metrics_file.read_text()).get("mlflow_run_id")
+    if not run_id:
+        return ""
+    try:
+        tags = run_tags(run_id)
+    except Exception:  # a run from another tracking store
+        return ""
+    name, version = tags.get("lmline.registered_model"), tags.get("lmline.model_version")
+    return f"{name}/{version}" if name and version else ""
+
+
 def resolve_model_uri(uri: str, dst: Path | None = None) -> Path:
     """A `models:/name/version` or `models:/name@alias` URI -> a local dir with model and tokenizer,
     loadable by transformers' Auto classes. Local paths pass through unchanged."""
@@ -253,8 +269,11 @@ class StageRun:
         if stage in REGISTERED_STAGES:
             name, task = registered_model(params, stage)
             version = log_and_register_model(Path(outputs["model"]), name, task, metrics)
-            mlflow_tags = {"lmline.registered_model": name, "lmline.model_version": str(version)}
-            self.set_tags(mlflow_tags)
+            self.set_tags({"lmline.registered_model": name, "lmline.model_version": str(version)})
+            if stage == "finetune":
+                base = producing_version(params, "pretrain")
+                if base:
+                    set_version_tags(name, version, {"lmline.base_model": base})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow
@@ -386,3 +405,49 @@ def list_models(prefix: str = "") -> list[dict]:
                 }
             )
     return out
+
+
+def model_version(uri: str):
+    """`models:/name/version` or `models:/name@alias` -> ModelVersion."""
+    from mlflow.exceptions import MlflowException
+
+    from lmline.errors import LmlineError
+
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client().get_model_version_by_alias(name, alias)
+        name, _, version = ref.partition("/")
+        return client().get_model_version(name, version)
+    except MlflowException as exc:
+        raise LmlineError(f"{uri}: not in the registry at {tracking_uri()} ({exc.message.splitlines()[0]})") from None
+
+
+def lineage(uri: str) -> dict:
+    """Everything behind a registered version: its run (git, DVC dep hashes, params), the pipeline's
+    parent run and Prefect flow run, and the base model it was fine-tuned from (recursively)."""
+    mv = model_version(uri)
+    c = client()
+    run = c.get_run(mv.run_id)
+    tags = dict(run.data.tags)
+    info = {
+        "model": f"{mv.name}/{mv.version}",
+        "aliases": list(getattr(mv, "aliases", []) or []),
+        "mlflow_run_id": mv.run_id,
+        "stage": tags.get("lmline.stage"),
+        "git_commit": tags.get("git.commit"),
+        "git_dirty": tags.get("git.dirty"),
+        "dvc_deps": {k.removeprefix("dvc.dep."): v for k, v in tags.items() if k.startswith("dvc.dep.")},
+        "params": dict(run.data.params),
+        "decision": {k: v for k, v in mv.tags.items() if k.startswith("lmline.decision")},
+    }
+    parent_id = tags.get("mlflow.parentRunId")
+    if parent_id:
+        ptags = dict(c.get_run(parent_id).data.tags)
+        info["pipeline_run_id"] = parent_id
+        info["prefect"] = {k.removeprefix("prefect."): v for k, v in ptags.items() if k.startswith("prefect.")}
+    base = dict(mv.tags).get("lmline.base_model")
+    if base:
+        info["base_model"] = lineage(f"models:/{base}")
+    return info

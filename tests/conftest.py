@@ -13,9 +13,22 @@ from lmline import config
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow SQLite store: creating one takes seconds, copying it none."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """An empty workspace as cwd, with MLflow pointed at a store inside it."""
+def workspace(tmp_path, monkeypatch, mlflow_template):
+    """An empty workspace as cwd, with MLflow's embedded default store (./mlflow.db) ready in it."""
+    import shutil
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("LMLINE_PARENT_RUN_ID", raising=False)

@@ -85,4 +85,4 @@ def test_cli_rejects_bad_params_before_any_work(make_params, workspace):
     result = CliRunner().invoke(app, ["stage", "ingest", "--params", str(path), "--set", "clean.min_chars=-5"])
     assert result.exit_code == 1
     assert "params.yaml: clean.min_chars must be >= 0 (got -5)" in result.output
-    assert not (workspace / "data").exists() and not (workspace / "mlflow.db").exists()
+    assert not (workspace / "data").exists() and not (workspace / "mlruns").exists()

@@ -1,0 +1,212 @@
+"""The retrain flow: validate params, run each DVC stage as a Prefect task, promote, report.
+
+Each task runs exactly one DVC stage (`dvc repro --single-item <stage>`), so DVC decides whether the
+stage runs or is restored from cache; the task streams the stage's output into the Prefect logger
+and reports `ran` or `cached`. MLflow: the flow opens the parent run; stage processes nest under it
+through $LMLINE_PARENT_RUN_ID; a cached stage gets a nested run tagged cached=true.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from lmline import config, tracking
+from lmline.errors import LmlineError
+from lmline.io import read_json
+
+STAGE_DONE_MARKERS = ("Running stage",)  # DVC prints this only when it executes the stage's cmd
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ran | cached
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+class StageFailed(LmlineError):
+    pass
+
+
+def stage_env(parent_run_id: str | None) -> dict[str, str]:
+    """The stage subprocess environment: our venv's bin first (dvc runs `lmline stage`), parent run id."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if parent_run_id:
+        env[tracking.PARENT_ENV] = parent_run_id
+    return env
+
+
+def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, log) -> str:
+    """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'."""
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=stage_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            log.info(line)
+    if proc.wait():
+        # Our CLI prints one `error: ...` line naming the file/key; surface it as the failure message.
+        errors = [l.removeprefix("error: ") for l in lines if l.startswith("error: ")]
+        detail = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+        raise StageFailed(f"stage {stage} failed: {detail}")
+    return "ran" if any(m in l for l in lines for m in STAGE_DONE_MARKERS) else "cached"
+
+
+@task(name="stage")
+def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None, params_file: str) -> StageResult:
+    log = get_run_logger()
+    root_path = Path(root)
+    params = config.load(root_path / params_file)
+    started = time.perf_counter()
+    status = dvc_repro(stage, root_path, force, parent_run_id, log)
+    metrics_file = root_path / config.metrics_path(params, stage)
+    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    if status == "cached" and parent_run_id:
+        tracking.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
+    log.info("stage %s %s in %.1fs", stage, status, time.perf_counter() - started)
+    return StageResult(stage, status, round(time.perf_counter() - started, 2), metrics)
+
+
+def write_overrides(params_path: Path, overrides: dict) -> None:
+    """Persist --set overrides into params.yaml (as `dvc exp run -S` does) so DVC sees them."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(params_path) as data:
+        config.apply_overrides(data, overrides)
+
+
+def key_metrics(result: StageResult) -> str:
+    """A few numbers per stage for the summary table."""
+    picks = {
+        "ingest": ["documents", "bytes"],
+        "clean": ["documents_out", "mb_per_s"],
+        "tokenize": ["bytes_per_token", "mb_per_s"],
+        "pretrain": ["val_bits_per_byte", "tokens_per_s"],
+        "finetune": ["val_accuracy", "val_macro_f1"],
+        "evaluate": ["task.accuracy", "task.macro_f1", "lm.test_bits_per_byte"],
+    }[result.stage]
+    flat = tracking.numeric(result.metrics)
+    shown = []
+    for key in picks:
+        value = flat.get(key, flat.get(f"totals.{key}"))
+        if value is not None:
+            shown.append(f"{key}={value:.4g}")
+    return ", ".join(shown)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    promote: bool = True,
+    force: bool = False,
+    workspace: str = ".",
+    params_file: str = "params.yaml",
+) -> dict:
+    """Run the pipeline. `overrides` are dotted params (`pretrain.lr=1e-3`); `stages` a subset in pipeline
+    order (default all); `force` re-runs stages even if DVC has them cached."""
+    from filelock import FileLock
+
+    log = get_run_logger()
+    root = Path(workspace).resolve()
+    params_path = root / params_file
+    parsed = config.parse_overrides(overrides)
+    params = config.load(params_path, parsed)  # fails here, naming the key, before any stage runs
+    selected = list(config.STAGES) if not stages else [s for s in config.STAGES if s in stages]
+    unknown = sorted(set(stages or []) - set(config.STAGES))
+    if unknown:
+        raise LmlineError(f"unknown stages {unknown} (stages: {', '.join(config.STAGES)})")
+
+    # DVC takes a repo lock; two flows in one workspace would collide on it, so they queue here.
+    lock = FileLock(str(root / ".dvc" / "tmp" / "lmline-retrain.lock"))
+    log.info("waiting for the workspace lock" if lock.is_locked else "workspace lock free")
+    with lock:
+        if parsed:
+            write_overrides(params_path, parsed)
+        tags = {
+            "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_name": str(flow_run.name or ""),
+            "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        }
+        results: list[StageResult] = []
+        promotion = None
+        with tracking.parent_run(params, tags, root) as parent_id:
+            for stage in selected:
+                stage_task = run_stage.with_options(
+                    name=stage,
+                    task_run_name=stage,
+                    retries=params.orchestration.retries.get(stage, 0),
+                    retry_delay_seconds=params.orchestration.retry_delay_seconds,
+                )
+                results.append(stage_task(stage, str(root), force, parent_id, params_file))
+            if promote and "evaluate" in selected:
+                promotion = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
+            summary = {
+                "flow_run_id": str(flow_run.id or ""),
+                "mlflow_parent_run_id": parent_id,
+                "stages": [asdict(r) for r in results],
+                "promotion": promotion,
+            }
+            publish_artifacts(summary, params)
+    return summary
+
+
+def promote_candidate(params: config.Params, root: Path, results: dict[str, StageResult], flow_run_id: str) -> dict:
+    """Promote the fine-tuned version this pipeline produced (or restored), serialised everywhere."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    from flows import promotion
+    from flows.scoring import candidate_scores, rescore_version
+
+    finetune = results.get("finetune")
+    if finetune is None or not finetune.metrics.get("mlflow_run_id"):
+        return {"promoted": False, "reason": "no fine-tuned model in this run"}
+    producing = tracking.run_tags(finetune.metrics["mlflow_run_id"])
+    name, version = producing.get("lmline.registered_model"), producing.get("lmline.model_version")
+    if not name or not version:
+        return {"promoted": False, "reason": "the fine-tune run registered no model version"}
+    scores = candidate_scores(params, root, results["evaluate"].metrics)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(promotion.PROMOTE_LIMIT, 1)
+    with concurrency(promotion.PROMOTE_LIMIT, occupy=1, strict=True):
+        return promotion.promote(
+            name, int(version), scores, params.promote, lambda v: rescore_version(params, root, name, v), flow_run_id
+        )
+
+
+def publish_artifacts(summary: dict, params: config.Params) -> None:
+    """Prefect artifacts with stable keys, so the Artifacts page keeps their history across runs."""
+    rows = [
+        {"stage": s["stage"], "status": s["status"], "seconds": s["seconds"], "metrics": key_metrics(StageResult(**s))}
+        for s in summary["stages"]
+    ]
+    create_table_artifact(key="lmline-stages", table=rows, description="Stages of this retrain run")
+    p = summary["promotion"]
+    lines = [f"# lmline retrain {summary['flow_run_id']}", "", f"MLflow parent run: `{summary['mlflow_parent_run_id']}`", ""]
+    lines += [f"- **{r['stage']}**: {r['status']} in {r['seconds']} s — {r['metrics']}" for r in rows]
+    if p and "model" in p:
+        lines += [
+            "",
+            "## Promotion",
+            f"- model: `{p['model']}`, candidate v{p['candidate']}",
+            f"- champion before: {p['champion_before']}, after: {p['champion_after']}",
+            f"- decision: {'promoted' if p['promoted'] else 'not promoted'} — {p['reason']}",
+        ]
+    elif p:
+        lines += ["", f"Promotion: {p['reason']}"]
+    create_markdown_artifact(key="lmline-summary", markdown="\n".join(lines), description="Retrain summary")
