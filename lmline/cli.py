@@ -68,7 +68,7 @@ def main(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic", "urllib3", "filelock"):
+    for noisy in ("httpx", "alembic", "urllib3", "filelock", "mlflow"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

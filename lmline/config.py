@@ -58,14 +58,15 @@ class _SourceBase(Section):
 
 class TextFilesSource(_SourceBase):
     type: Literal["text_files"]
-    path: str  # a glob, relative to the workspace
-    separator: str | None = None  # split each file into documents on this string; None = one doc per file
+    path: str  # a glob, relative to the workspace (`**` recurses)
+    # split each file into documents on this string (e.g. "\n\n\n"); None = one document per file
+    separator: Annotated[str, Field(min_length=1)] | None = None
 
 
 class _TableSource(_SourceBase):
-    path: str
+    path: str  # one file, relative to the workspace
     text_field: str = "text"
-    label_field: str | None = None
+    label_field: str | None = None  # kept as a string label (numbers too); None = unlabelled
 
 
 class JsonlSource(_TableSource):
@@ -235,6 +236,7 @@ class PretrainConfig(Section):
     max_minutes: Annotated[float, Field(gt=0)] = 2.5  # wall-clock budget; training stops at whichever comes first
     eval_every: Annotated[int, Field(ge=1)] = 200
     eval_batches: Annotated[int, Field(ge=1)] = 20
+    log_every: Annotated[int, Field(ge=1)] = 20  # train-loss rows in the loss CSV / MLflow history
     checkpoint_every: Annotated[int, Field(ge=1)] = 200
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False
@@ -247,6 +249,8 @@ class PretrainConfig(Section):
         kv = self.n_kv_head or self.n_head
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
+        if self.arch == "gpt2" and kv != self.n_head:
+            raise ValueError("n_kv_head (grouped-query attention) needs arch: llama")
         return self
 
 
@@ -263,8 +267,14 @@ class FinetuneConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 20
     max_steps: Annotated[int, Field(ge=1)] = 600
     max_minutes: Annotated[float, Field(gt=0)] = 3.0
-    eval_every: Annotated[int, Field(ge=1)] = 100
-    early_stopping_patience: Annotated[int, Field(ge=1)] = 3
+    eval_every: Annotated[int, Field(ge=1)] = 100  # also the checkpoint interval (the best one is kept)
+    early_stopping_patience: Annotated[int, Field(ge=1)] = 3  # evals without a better val metric
+
+    @model_validator(mode="after")
+    def _evals_happen(self):
+        if self.eval_every > self.max_steps:
+            raise ValueError(f"eval_every ({self.eval_every}) must be <= max_steps ({self.max_steps})")
+        return self
 
 
 # ---------------------------------------------------------------- evaluate
@@ -275,6 +285,8 @@ class EvaluateConfig(Section):
     top_k: Annotated[int, Field(ge=0)] = 40
     max_eval_tokens: Annotated[int, Field(ge=1)] | None = None  # cap the LM test tokens (None = all)
     batch_size: Annotated[int, Field(ge=1)] = 32
+    tfidf_max_ngram: Annotated[int, Field(ge=1, le=3)] = 2  # baseline: word 1..n-grams
+    logreg_c: Annotated[float, Field(gt=0)] = 1.0  # baseline: inverse regularisation strength
 
 
 # ---------------------------------------------------------------- promote

@@ -292,7 +292,7 @@ def stage_run(stage: str, params: Params, root: Path | None = None, tags: dict[s
     parent = os.environ.get(PARENT_ENV) or None
     base_tags = {"lmline.stage": stage, **git_info(root), **(tags or {})}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=base_tags) as run:
-        section = params.section(stage) if stage in params.model_fields else None
+        section = params.section(stage) if stage in type(params).model_fields else None
         if section is not None:
             log_params(section, f"{stage}.")
         log_params(params.project, "project.")
