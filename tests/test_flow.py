@@ -1,0 +1,150 @@
+"""The retrain flow end to end under a real (temporary) Prefect server, a real MLflow SQLite store and
+real DVC in a temp git repo, on tiny configs."""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from flows.retrain import retrain
+from lmline import tracking
+from lmline.cli import app
+
+from conftest import make_dvc_repo, tiny_params
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-classification"
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect, mlflow_template):
+    """One tiny workspace shared by the tests below, in order: they build on each other's runs."""
+    import os
+    import shutil
+
+    root = tmp_path_factory.mktemp("flow")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    params = tiny_params(finetune={"max_steps": 60, "eval_every": 20, "batch_size": 16, "max_length": 32,
+                                   "warmup_steps": 2, "lr": 3e-3})
+    make_dvc_repo(root, params)
+    old_cwd = os.getcwd()
+    os.chdir(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("LMLINE_PARENT_RUN_ID", None)
+    mlflow.set_tracking_uri(tracking.tracking_uri(root))
+    yield root
+    os.chdir(old_cwd)
+
+
+def runs_under(parent_id: str):
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              output_format="list")
+
+
+def champion() -> int:
+    return int(tracking.alias_version(MODEL, "champion").version)
+
+
+def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
+    summary = retrain(workspace=str(pipeline))
+    assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
+        (s, "ran") for s in ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate")
+    ]
+    nested = runs_under(summary["mlflow_parent_run_id"])
+    assert sorted(r.info.run_name for r in nested) == sorted(["ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"])
+    assert all(r.info.status == "FINISHED" for r in nested)
+    assert all("stage_seconds" in r.data.metrics for r in nested)
+    parent = mlflow.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
+
+    assert summary["promotion"]["promoted"] and summary["promotion"]["reason"].startswith("first model")
+    assert champion() == summary["promotion"]["candidate"]
+    assert int(tracking.alias_version("tiny-base", "champion").version) >= 1  # the champion's base LM
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmline-stages", "lmline-summary"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])),
+        )
+    assert {a.key for a in artifacts} == {"lmline-stages", "lmline-summary"}
+
+
+def test_second_run_is_all_cached_and_quick(pipeline):
+    before = champion()
+    started = time.perf_counter()
+    summary = retrain(workspace=str(pipeline))
+    seconds = time.perf_counter() - started
+    print(f"\nno-op retrain wall time: {seconds:.1f}s")  # reported in the closing note, never asserted
+    assert {s["status"] for s in summary["stages"]} == {"cached"}
+    nested = runs_under(summary["mlflow_parent_run_id"])
+    assert len(nested) == 6 and all(r.data.tags.get("cached") == "true" for r in nested)
+    assert all(r.data.tags["lmline.produced_by_run"] != "unknown" for r in nested)
+    assert summary["promotion"]["reason"] == "candidate is already the champion"
+    assert champion() == before
+
+
+def test_a_worse_candidate_ends_as_challenger(pipeline):
+    before = champion()
+    champion_f1 = float(tracking.version_tags(MODEL, before)["lmline.eval.metric"])
+    # one step at a tiny learning rate: the classifier stays near chance
+    summary = retrain(workspace=str(pipeline), overrides=["finetune.max_steps=1", "finetune.eval_every=1", "finetune.lr=1e-6"])
+    statuses = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert statuses["pretrain"] == "cached" and statuses["finetune"] == "ran"
+    promotion = summary["promotion"]
+    assert promotion["candidate_metric"] < champion_f1, "setup: the candidate must really be worse"
+    assert not promotion["promoted"]
+    assert champion() == before
+    assert int(tracking.alias_version(MODEL, "challenger").version) == promotion["candidate"]
+    tags = tracking.version_tags(MODEL, promotion["candidate"])
+    assert tags["lmline.decision"] == "rejected" and tags["lmline.decision.flow_run_id"] == summary["flow_run_id"]
+
+
+def test_model_cli_against_the_result(pipeline):
+    runner = CliRunner()
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0 and "@champion" in listing.output and "@challenger" in listing.output
+    generated = runner.invoke(app, ["generate", "The king", "--max-new-tokens", "5"])
+    assert generated.exit_code == 0 and generated.output.startswith("The king")
+    classified = runner.invoke(app, ["classify", "a wonderful film"])
+    assert classified.exit_code == 0 and '"label"' in classified.output
+    lineage = runner.invoke(app, ["lineage", f"models:/{MODEL}@champion"])
+    assert lineage.exit_code == 0
+    for key in ('"git_commit"', '"dvc_deps"', '"flow_run_id"', '"base_model"'):
+        assert key in lineage.output
+
+    challenger = int(tracking.alias_version(MODEL, "challenger").version)
+    before = champion()
+    assert runner.invoke(app, ["promote", MODEL, str(challenger), "--why", "test"]).exit_code == 0
+    assert champion() == challenger
+    assert runner.invoke(app, ["rollback", MODEL]).exit_code == 0
+    assert champion() == before
+
+
+def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    versions_before = len(tracking.client().search_model_versions(f"name='{MODEL}'"))
+    with open(pipeline / "corpus" / "reviews.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    state = retrain(workspace=str(pipeline), return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    messages = [log.message for log in logs]
+    # the stage's own one-line message (file and line) reaches the Prefect logs
+    assert any("reviews.jsonl" in m and "line 121" in m for m in messages), messages[-5:]
+    assert len(tracking.client().search_model_versions(f"name='{MODEL}'")) == versions_before
+    stuck = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list")
+    assert stuck == []
