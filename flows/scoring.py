@@ -45,7 +45,8 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
     rows = finetune.read_rows(clean, "test")
     source = finetune.pick_source(rows, params.finetune.source, finetune.split_path(clean, "test"))
     test = [r for r in rows if r["source"] == source]
-    predicted = evaluate.classify(model, tokenizer, [r["text"] for r in test], params.finetune.max_length, params.evaluate.batch_size)
+    max_length = min(params.finetune.max_length, finetune.context_length(model.config))  # as finetune capped it
+    predicted = evaluate.classify(model, tokenizer, [r["text"] for r in test], max_length, params.evaluate.batch_size)
     actual = evaluate.label_ids_of([r["label"] for r in test], labels)
     task = finetune.classification_metrics(actual, predicted, len(labels))
 

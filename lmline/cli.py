@@ -249,30 +249,19 @@ def generate(
     seed: Annotated[Optional[int], typer.Option()] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Generate a continuation of PROMPT with a causal LM."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate)."""
     from lmline import tracking
+    from tasks import evaluate
 
     cfg = load_params(params, None)
     try:
-        local = tracking.resolve_model_uri(model or default_model(cfg, "lm"))
+        lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
     except LmlineError as exc:
         fail(str(exc))
-    torch.manual_seed(cfg.project.seed if seed is None else seed)
-    tok = AutoTokenizer.from_pretrained(local)
-    lm = AutoModelForCausalLM.from_pretrained(local).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = lm.generate(
-        ids,
-        do_sample=True,
-        max_new_tokens=max_new_tokens or cfg.evaluate.max_new_tokens,
-        temperature=temperature or cfg.evaluate.temperature,
-        top_k=cfg.evaluate.top_k,
-        pad_token_id=tok.pad_token_id,
-    )
-    typer.echo(tok.decode(out[0], skip_special_tokens=True))
+    overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
+    typer.echo(text)
 
 
 @app.command()
@@ -286,6 +275,7 @@ def classify(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmline import tracking
+    from tasks import finetune
 
     cfg = load_params(params, None)
     try:
@@ -294,8 +284,11 @@ def classify(
         fail(str(exc))
     tok = AutoTokenizer.from_pretrained(local)
     clf = AutoModelForSequenceClassification.from_pretrained(local).eval()
+    # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
+    max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
+    ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
     with torch.no_grad():
-        probs = clf(**tok(text, return_tensors="pt", truncation=True)).logits.softmax(-1)[0]
+        probs = clf(input_ids=ids).logits.softmax(-1)[0]
     labels = {clf.config.id2label[i]: round(float(p), 4) for i, p in enumerate(probs)}
     typer.echo(json.dumps({"label": max(labels, key=labels.get), "probabilities": labels}))
 
