@@ -6,6 +6,7 @@ one-line message naming the file and the dotted key, before any stage does work,
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -43,6 +44,7 @@ class PathsConfig(Section):
     tokens: str = "data/tokens"
     pretrain_model: str = "models/pretrain"
     finetune_model: str = "models/finetune"
+    corpus: str = "corpus"  # local source files live here: ingest's DVC dep, so DVC sees them change
     checkpoints: str = "checkpoints"  # not a DVC out: survives a failed run so training can resume
     metrics: str = "metrics"
     plots: str = "plots"
@@ -125,6 +127,8 @@ class PiiConfig(Section):
     url: bool = True
 
 
+# The four filter sections below take datatrove's own keyword names and defaults (its Gopher, C4 and
+# FineWeb filters), so a section is passed to the filter as is; `{}` in params.yaml = datatrove's defaults.
 class GopherQualityParams(Section):
     min_doc_words: Annotated[int, Field(ge=0)] | None = 50
     max_doc_words: Annotated[int, Field(ge=1)] | None = 100000
@@ -133,6 +137,7 @@ class GopherQualityParams(Section):
     max_symbol_word_ratio: Annotated[float, Field(ge=0)] | None = 0.1
     max_bullet_lines_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.9
     max_ellipsis_lines_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.3
+    # datatrove's name; it is a minimum: drop if fewer than this share of words contain a letter
     max_non_alpha_words_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.8
     min_stop_words: Annotated[int, Field(ge=0)] | None = 2
 
@@ -150,7 +155,8 @@ class C4QualityParams(Section):
     split_paragraph: bool = True
     remove_citations: bool = True
     filter_no_terminal_punct: bool = True
-    min_num_sentences: Annotated[int, Field(ge=-1)] = 5
+    # >= 1 (datatrove allows -1 = off): C4 deletes lines, and a document left empty must be dropped, not kept
+    min_num_sentences: Annotated[int, Field(ge=1)] = 5
     min_words_per_line: Annotated[int, Field(ge=-1)] = 3
     max_word_length: Annotated[int, Field(ge=-1)] = 1000
     filter_lorem_ipsum: bool = True
@@ -169,8 +175,11 @@ class FineWebQualityParams(Section):
 
 
 class SourceFilters(Section):
-    """Which datatrove quality filters run on one source, with their thresholds; a missing key = filter off."""
-    min_chars: Annotated[int, Field(ge=0)] = 0
+    """How one source is cleaned: chunking, then the rules in this order (a missing filter key = filter off)."""
+    # Split documents longer than this at paragraph (then line) breaks, so document-level rules judge
+    # scene-sized pieces rather than whole plays; None = keep documents whole.
+    chunk_chars: Annotated[int, Field(ge=100)] | None = None
+    min_chars: Annotated[int, Field(ge=0)] | None = None  # None = clean.min_chars; empty documents always go
     gopher_quality: GopherQualityParams | None = None
     gopher_repetition: GopherRepetitionParams | None = None
     c4_quality: C4QualityParams | None = None
@@ -197,6 +206,9 @@ class SplitConfig(Section):
 
 class CleanConfig(Section):
     min_chars: Annotated[int, Field(ge=0)] = 20  # default for sources without their own filters entry
+    # Words for the quality filters: "fast" = lmline's regex tokenizer, "spacy" = datatrove's default
+    # spaCy English tokenizer (the reference; ~20x slower, the stage's bottleneck when used).
+    word_tokenizer: Literal["fast", "spacy"] = "fast"
     filters: dict[str, SourceFilters] = {}  # per source name
     exact_dedup: bool = True
     minhash: MinhashConfig = MinhashConfig()
@@ -209,9 +221,11 @@ class CleanConfig(Section):
 class TokenizeConfig(Section):
     vocab_size: Annotated[int, Field(ge=260, le=1 << 20)] = 1024  # >= 256 bytes + special tokens
     min_frequency: Annotated[int, Field(ge=1)] = 2
-    eos_token: str = "<|endoftext|>"
-    pad_token: str = "<pad>"
-    num_proc: Annotated[int, Field(ge=0)] = 0  # datasets.map workers; 0 = one per CPU core
+    eos_token: Annotated[str, Field(min_length=1)] = "<|endoftext|>"  # also bos: documents are packed after one
+    pad_token: Annotated[str, Field(min_length=1)] = "<pad>"
+    num_proc: Annotated[int, Field(ge=0)] = 0  # threads (Arrow, Rust); 0 = one per CPU core
+    # The BPE trains on a seeded sample of about this many MB of the train split (None = all of it).
+    train_sample_mb: Annotated[float, Field(gt=0)] | None = 4.0
 
 
 # ---------------------------------------------------------------- pretrain
@@ -323,6 +337,16 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_refs(self):
+        corpus = Path(self.paths.corpus).parts
+        for i, source in enumerate(self.ingest.sources):
+            if isinstance(source, SampleSource):
+                continue
+            parts = Path(os.path.normpath(source.path)).parts
+            if Path(source.path).is_absolute() or ".." in parts or parts[: len(corpus)] != corpus:
+                raise ValueError(
+                    f"ingest.sources[{i}].path must lie inside paths.corpus ({self.paths.corpus}/), which dvc.yaml "
+                    f"declares as ingest's dependency so DVC sees the files change (got {source.path!r})"
+                )
         names = {s.name for s in self.ingest.sources}
         for src in self.clean.filters:
             if src not in names:
@@ -454,7 +478,7 @@ def stage_io(params: Params, stage: str) -> tuple[dict[str, Path], dict[str, Pat
     raw, clean, tok, tokens = Path(p.raw), Path(p.clean), Path(p.tokenizer), Path(p.tokens)
     base, tuned, plots, reports = Path(p.pretrain_model), Path(p.finetune_model), Path(p.plots), Path(p.reports)
     io = {
-        "ingest": ({}, {"raw": raw}),
+        "ingest": ({"corpus": Path(p.corpus)}, {"raw": raw}),
         "clean": ({"raw": raw}, {"clean": clean, "drops": plots / "clean_drops.csv"}),
         "tokenize": ({"clean": clean}, {"tokenizer": tok, "tokens": tokens}),
         "pretrain": (

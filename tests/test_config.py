@@ -8,7 +8,7 @@ from lmline.config import ConfigError
 
 from conftest import REPO, write_params
 
-MINIMAL = {"ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "docs/*.txt"}]}}
+MINIMAL = {"ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "corpus/docs/*.txt"}]}}
 
 
 def test_repo_params_load_with_the_default_sources():
@@ -86,3 +86,10 @@ def test_cli_rejects_bad_params_before_any_work(make_params, workspace):
     assert result.exit_code == 1
     assert "params.yaml: clean.min_chars must be >= 0 (got -5)" in result.output
     assert not (workspace / "data").exists() and not (workspace / "mlruns").exists()
+
+
+@pytest.mark.parametrize("path", ["elsewhere/*.txt", "/abs/docs.txt", "corpus/../x.txt"])
+def test_local_sources_must_live_in_the_corpus_dir_dvc_tracks(workspace, path):
+    write_params(workspace / "params.yaml", {"ingest": {"sources": [{"name": "d", "type": "text_files", "path": path}]}})
+    with pytest.raises(ConfigError, match=r"ingest.sources\[0\].path must lie inside paths.corpus \(corpus/\)"):
+        config.load(workspace / "params.yaml")

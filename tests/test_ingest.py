@@ -18,6 +18,17 @@ from lmline.io import read_jsonl
 from tasks import ingest
 
 
+@pytest.fixture
+def make_params(make_params):
+    """Unit tests keep their source files at the workspace root: the corpus dir is the workspace
+    (no DVC runs here; the pipeline default is corpus/)."""
+
+    def make(sections: dict, name: str = "params.yaml"):
+        return make_params({"paths": {"corpus": "."}, **sections}, name)
+
+    return make
+
+
 def write(path: str, content: str | bytes) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
