@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from lmline import config, tracking
+from lmline import config, progress, tracking
 from lmline.errors import LmlineError
 from lmline.io import read_json
 
@@ -37,10 +37,14 @@ class StageFailed(LmlineError):
     pass
 
 
-def stage_env(parent_run_id: str | None) -> dict[str, str]:
+def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, str]:
     """The stage subprocess environment: our venv's bin first (dvc runs `lmline stage`), parent run id."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if root is not None:
+        # the workspace's own lmline/tasks code, not wherever the venv's editable install points: a
+        # worker's clone sits at the revision it was handed, and DVC hashed that code as the stage's deps
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
     return env
@@ -50,14 +54,14 @@ def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, lo
     """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     proc = subprocess.Popen(
-        cmd, cwd=root, env=stage_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=root, env=stage_env(parent_run_id, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines = []
     for line in proc.stdout:
         line = line.rstrip()
         if line:
             lines.append(line)
-            log.info(line)
+            log.info(line, extra={progress.STAGE_OUTPUT: True})  # all in Prefect; the terminal shows it with -v
     if proc.wait():
         # Our CLI prints one `error: ...` line naming the file/key; surface it as the failure message.
         errors = [l.removeprefix("error: ") for l in lines if l.startswith("error: ")]
@@ -91,11 +95,11 @@ def write_overrides(params_path: Path, overrides: dict) -> None:
 
 def key_metrics(result: StageResult) -> str:
     """A few numbers per stage for the summary table."""
-    picks = {
+    picks = {  # names as in metrics/<stage>.json
         "ingest": ["documents", "bytes"],
-        "clean": ["documents_out", "mb_per_s"],
-        "tokenize": ["bytes_per_token", "mb_per_s"],
-        "pretrain": ["val_bits_per_byte", "tokens_per_s"],
+        "clean": ["docs_out", "mb_per_s"],
+        "tokenize": ["vocab_size", "splits.train.bytes_per_token"],
+        "pretrain": ["val_bits_per_byte", "tokens_per_second"],
         "finetune": ["val_accuracy", "val_macro_f1"],
         "evaluate": ["task.accuracy", "task.macro_f1", "lm.test_bits_per_byte"],
     }[result.stage]
@@ -104,7 +108,7 @@ def key_metrics(result: StageResult) -> str:
     for key in picks:
         value = flat.get(key, flat.get(f"totals.{key}"))
         if value is not None:
-            shown.append(f"{key}={value:.4g}")
+            shown.append(f"{key}={value:,.0f}" if value.is_integer() else f"{key}={value:.4g}")
     return ", ".join(shown)
 
 
@@ -116,9 +120,12 @@ def retrain(
     force: bool = False,
     workspace: str = ".",
     params_file: str = "params.yaml",
+    git_ref: str | None = None,
+    revision: str | None = None,
 ) -> dict:
     """Run the pipeline. `overrides` are dotted params (`pretrain.lr=1e-3`); `stages` a subset in pipeline
-    order (default all); `force` re-runs stages even if DVC has them cached."""
+    order (default all); `force` re-runs stages even if DVC has them cached. `git_ref`/`revision`: what
+    the deployment's pull step checked out (flows/routing.enter_workspace; the data trigger sets them)."""
     from filelock import FileLock
 
     log = get_run_logger()
@@ -137,16 +144,25 @@ def retrain(
     with lock:
         if parsed:
             write_overrides(params_path, parsed)
+        # distributed mode: stages mapped to gpu run on the gpu pool's worker (flows/routing.py)
+        distributed = params.orchestration.mode == "distributed"
+        if distributed:
+            from flows import routing
+
+            routing.check_ready(root, params)
+            routing.pull_added_data(root, params)
         tags = {
             "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""),
             "prefect.flow_run_url": str(flow_run.ui_url or ""),
+            **({"lmline.revision": revision} if revision else {}),
         }
         results: list[StageResult] = []
         promotion = None
         with tracking.parent_run(params, tags, root) as parent_id:
             for stage in selected:
-                stage_task = run_stage.with_options(
+                routed = distributed and routing.should_route(params, root, stage, force)
+                stage_task = (routing.route_stage if routed else run_stage).with_options(
                     name=stage,
                     task_run_name=stage,
                     retries=params.orchestration.retries.get(stage, 0),
@@ -184,9 +200,14 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(promotion.PROMOTE_LIMIT, 1)
     with concurrency(promotion.PROMOTE_LIMIT, occupy=1, strict=True):
-        return promotion.promote(
+        result = promotion.promote(
             name, int(version), scores, params.promote, lambda v: rescore_version(params, root, name, v), flow_run_id
         )
+    # The comparison with the previous champion is known only now: rewrite the card with it.
+    card = tracking.publish_model_card(params, root, name, version, upto="evaluate")
+    if card:
+        create_markdown_artifact(key="lmline-model-card", markdown=card, description=f"Model card of {name} v{version}")
+    return result
 
 
 def publish_artifacts(summary: dict, params: config.Params) -> None:

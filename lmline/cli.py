@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
 
     module = importlib.import_module(f"tasks.{name}")
     inputs, outputs = config.stage_io(params, name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun/accelerate every rank runs this; only rank 0 writes metrics and talks to MLflow.
+        return module.run(params, inputs, outputs)
     with tracking.stage_run(name, params, root) as tracked:
         started = time.perf_counter()
         metrics = module.run(params, inputs, outputs)
@@ -63,13 +67,22 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")] = False,
 ) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    """Global options apply to the stages a command runs, too (they travel in LMLINE_VERBOSITY)."""
+    from lmline import progress
+
+    level = progress.configure(verbose, quiet)
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if verbose else "WARNING"  # MLflow sets its level at import
+    # With bars on, log lines print above them (through tqdm), not through them. Prefect keeps a root
+    # handler it did not install, so the filter below also applies to the flow's and tasks' lines.
+    console = progress.BarSafeHandler() if progress.stream() is sys.stderr else logging.StreamHandler()
+    console.setLevel(level)  # libraries' loggers (Prefect's) set their own levels: gate what reaches the terminal
+    console.addFilter(progress.console_filter)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[console])
     for noisy in ("httpx", "alembic", "urllib3", "filelock", "mlflow"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else max(level, logging.WARNING))
 
 
 @app.command()
@@ -113,7 +126,11 @@ def run(
     promote: Annotated[bool, typer.Option(help="promote the candidate if it beats the champion")] = True,
 ) -> None:
     """Run the pipeline as the Prefect `retrain` flow (ephemeral Prefect unless PREFECT_API_URL is set)."""
+    from lmline import progress
+
     load_params(params, set_)  # fail on bad params before Prefect or any stage starts
+    if progress.stream() is sys.stderr:
+        os.environ[progress.TTY_ENV] = "1"  # stage output goes to Prefect's logs: stages draw bars on the terminal
     from flows.retrain import retrain
 
     try:
@@ -125,32 +142,73 @@ def run(
 
 def print_summary(summary: dict) -> None:
     """The compact end-of-run table: what ran, the headline numbers, the registry, where to look."""
+    from flows.retrain import StageResult, key_metrics
     from lmline import tracking
 
-    typer.echo("\nlmline retrain summary")
-    for s in summary["stages"]:
-        typer.echo(f"  {s['stage']:<9} {s['status']:<7} {s['seconds']:>7.1f}s")
-    by_stage = {s["stage"]: s["metrics"] for s in summary["stages"]}
-    flat = {k: tracking.numeric(v) for k, v in by_stage.items()}
-    pre, ev = flat.get("pretrain", {}), flat.get("evaluate", {})
-    if "val_bits_per_byte" in pre:
-        typer.echo(f"  val bits/byte (pretrain): {pre['val_bits_per_byte']:.4f}")
-    if ev:
-        acc = ev.get("task.accuracy")
-        maj = ev.get("baselines.majority.accuracy")
-        tfidf = ev.get("baselines.tfidf_logreg.accuracy")
-        if acc is not None:
-            typer.echo(f"  test accuracy: model {acc:.4f} | majority {maj or float('nan'):.4f} | tf-idf+logreg {tfidf or float('nan'):.4f}")
-        if "lm.test_bits_per_byte" in ev:
-            typer.echo(f"  test bits/byte (base LM): {ev['lm.test_bits_per_byte']:.4f}")
+    stages = summary["stages"]
+    ran = sum(s["status"] == "ran" for s in stages)
+    typer.echo(f"\nlmline retrain: {ran} of {len(stages)} stages ran, {len(stages) - ran} cached by DVC, "
+               f"{sum(s['seconds'] for s in stages):.1f} s\n")
+    rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
+    echo_table(["stage", "status", "time", "key numbers"], rows)
+
+    ev = tracking.numeric(next((s["metrics"] for s in stages if s["stage"] == "evaluate"), {}))
     p = summary.get("promotion") or {}
+    if "task.accuracy" in ev:
+        typer.echo("")
+        name = f"{p['model']} v{p['candidate']}" if "model" in p else "fine-tuned model"
+        echo_table(["test split", "accuracy", "macro-F1"], [
+            [label, f"{ev[f'{key}.accuracy']:.4f}", f"{ev[f'{key}.macro_f1']:.4f}"]
+            for label, key in ((name, "task"), ("baseline: majority class", "baselines.majority"),
+                               ("baseline: TF-IDF + logistic regression", "baselines.tfidf_logreg"))
+            if f"{key}.accuracy" in ev
+        ])
+    if "lm.test_bits_per_byte" in ev:
+        typer.echo(f"base LM test bits/byte: {ev['lm.test_bits_per_byte']:.4f}")
+
+    typer.echo("")
     if "model" in p:
-        verdict = "promoted to @champion" if p["promoted"] else "kept as @challenger" if p["champion_after"] != p["candidate"] else "already @champion"
-        typer.echo(f"  registry: {p['model']} v{p['candidate']} {verdict} ({p['reason']})")
+        verdict = ("promoted to @champion" if p["promoted"] else "kept as @challenger"
+                   if p["champion_after"] != p["candidate"] else "already @champion")
+        typer.echo(f"registry: {p['model']} v{p['candidate']} {verdict} ({p['reason']})")
     elif p:
-        typer.echo(f"  registry: {p.get('reason')}")
-    typer.echo(f"  MLflow UI:  mlflow ui --backend-store-uri {tracking.tracking_uri()}  (parent run {summary['mlflow_parent_run_id']})")
-    typer.echo("  Prefect UI: prefect server start, then open http://127.0.0.1:4200/runs")
+        typer.echo(f"registry: {p.get('reason')}")
+    for what, where in ui_links(summary, p.get("model")):
+        typer.echo(f"{what:<8} {where}")
+
+
+def echo_table(header: list[str] | None, rows: list[list[str]]) -> None:
+    """Left-aligned columns two spaces apart: readable in a terminal and in a CI log alike."""
+    lines = [header, *rows] if header else rows
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(lines[0]))] if lines else []
+    for r in lines:
+        typer.echo("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
+    """Where to see this run: direct links when servers are configured, else the commands that start them."""
+    from lmline import tracking
+
+    uri, parent = tracking.tracking_uri(), summary["mlflow_parent_run_id"]
+    if uri.startswith("http"):
+        mlflow_link = f"{uri.rstrip('/')}/#/models/{model}" if model else uri
+    else:
+        mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (f"/#/models/{model}" if model else "")
+    flow_run = f"/runs/flow-run/{summary['flow_run_id']}"
+    api = os.environ.get("PREFECT_API_URL", "")
+    prefect_link = (api.rstrip("/").removesuffix("/api") + flow_run) if api else f"{tool('prefect')} server start, then http://127.0.0.1:4200{flow_run}"
+    return [("MLflow", f"{mlflow_link}  (parent run {parent})"), ("Prefect", prefect_link),
+            ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html")]
+
+
+def tool(name: str) -> str:
+    """How to call a tool of this environment from here: `.venv/bin/mlflow` when not on PATH as such."""
+    import shutil
+
+    path = Path(sys.executable).parent / name
+    if shutil.which(name) == str(path):
+        return name
+    return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd().resolve()) else str(path)
 
 
 @app.command("evaluate-text")
@@ -303,6 +361,186 @@ def lineage(model_uri: Annotated[str, typer.Argument(help="models:/name/version 
     except LmlineError as exc:
         fail(str(exc))
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- status
+@app.command()
+def status(
+    params: ParamsOpt = Path("params.yaml"),
+    runs: Annotated[int, typer.Option(min=0, help="how many recent flow runs to list (needs PREFECT_API_URL)")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Where the workspace stands: stages up to date (DVC), champion and challenger (MLflow), last flow runs (Prefect)."""
+    cfg = load_params(params, None)
+    report = {"pipeline": pipeline_status(Path.cwd()), "registry": registry_status(cfg), "flow_runs": flow_run_status(runs)}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    typer.echo("Pipeline (dvc status)")
+    echo_table(["  stage", "state", "detail"], [[f"  {r['stage']}", r["state"], r["detail"]] for r in report["pipeline"]["stages"]])
+    for section, title, where in (("registry", "Registry", "tracking_uri"), ("flow_runs", "Flow runs", "api")):
+        part = report[section]
+        typer.echo(f"\n{title} ({part[where] or 'PREFECT_API_URL not set'})")
+        rows = part["models"] if section == "registry" else part["runs"]
+        if section == "registry":
+            shown = [[f"  {r['model']}", f"@{r['alias']}", f"v{r['version']}", r["created"],
+                      ", ".join(f"{k} {v}" for k, v in r["metrics"].items())] for r in rows]
+        else:
+            shown = [[f"  {r['started']}", r["flow"], r["name"], r["state"], r["duration"], r["url"]] for r in rows]
+        echo_table(None, shown)
+        if part.get("note"):
+            typer.echo(f"  {part['note']}")
+
+
+def pipeline_status(root: Path) -> dict:
+    """Each dvc.yaml stage: up to date, changed (and what changed) or never run, from `dvc status`."""
+    import yaml
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    lock = root / "dvc.lock"
+    locked = set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.exists() else set()
+    try:
+        with Repo(str(root)) as repo:
+            names = [s.name for s in repo.index.stages]
+            changes = repo.status()
+    except NotDvcRepoError:
+        return {"stages": [], "note": f"{root} is not a DVC workspace (run lmline from the repository root)"}
+    stages, first_stale = [], None
+    for name in names:
+        if name not in locked:
+            state, detail = "never run", ""
+        elif name in changes:
+            state, detail = "changed", describe_changes(changes[name])
+        else:
+            state, detail = "up to date", f"may re-run after {first_stale}" if first_stale else ""
+        if state != "up to date" and first_stale is None:
+            first_stale = name
+        stages.append({"stage": name, "state": state, "detail": detail})
+    return {"stages": stages}
+
+
+def describe_changes(entries: list) -> str:
+    """`dvc status` entries -> "params pretrain.lr modified; deps data/clean modified"."""
+    parts = []
+    for entry in entries:
+        if isinstance(entry, str):  # e.g. "changed command"
+            parts.append(entry)
+            continue
+        for kind, items in entry.items():
+            label = kind.removeprefix("changed ")
+            for path, change in items.items():
+                if isinstance(change, dict):  # a params file: {key: change}
+                    parts += [f"params {key} {what}" for key, what in change.items()]
+                else:
+                    parts.append(f"{label} {path} {change}")
+    return "; ".join(parts)
+
+
+STATUS_TAGS = {  # registry tags worth a glance, and how to call them
+    "lmline.eval.metric": "test {metric}",
+    "lmline.eval.bits_per_byte": "base test bits/byte",
+    "metric.val_macro_f1": "val macro-F1",
+    "metric.val_accuracy": "val accuracy",
+    "metric.val_bits_per_byte": "val bits/byte",
+}
+
+
+def registry_status(cfg: config.Params) -> dict:
+    """Champion and challenger of the task model and the base LM, with their key metrics."""
+    from datetime import datetime, timezone
+
+    from lmline import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return {"tracking_uri": uri, "models": [], "note": "no MLflow store here yet: `lmline run` creates it"}
+    models = []
+    for name in (f"{cfg.project.name}-{cfg.finetune.task}", f"{cfg.project.name}-base"):
+        for alias in ("champion", "challenger"):
+            mv = tracking.alias_version(name, alias)
+            if mv is None:
+                continue
+            tags = dict(mv.tags)
+            metric = tags.get("lmline.eval.metric_name", cfg.promote.metric)
+            models.append({
+                "model": name,
+                "alias": alias,
+                "version": int(mv.version),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                "metrics": {label.format(metric=metric): f"{float(tags[tag]):.4f}" for tag, label in STATUS_TAGS.items() if tags.get(tag)},
+            })
+    note = "" if models else f"no champion yet for {cfg.project.name}-* (run `lmline run`)"
+    return {"tracking_uri": uri, "models": models, "note": note}
+
+
+def flow_run_status(limit: int) -> dict:
+    """The last flow runs, when a Prefect server is configured and answers; never starts one."""
+    import urllib.request
+
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not api:
+        return {"api": None, "runs": [], "note": "set PREFECT_API_URL to a running `prefect server` to list flow runs"}
+    try:  # a quick probe: Prefect's own client retries for a long while before giving up
+        urllib.request.urlopen(f"{api}/health", timeout=3).close()
+    except OSError as exc:
+        return {"api": api, "runs": [], "note": f"the Prefect API does not answer ({exc})"}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
+        flows = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in found}}
+    runs = [{
+        "started": r.start_time.strftime("%Y-%m-%d %H:%M") if r.start_time else "not started",
+        "flow": flows[r.flow_id],
+        "name": r.name,
+        "state": r.state.name if r.state else "unknown",
+        "duration": f"{r.total_run_time.total_seconds():.0f}s",
+        "url": f"{api.removesuffix('/api')}/runs/flow-run/{r.id}",
+        "id": str(r.id),
+    } for r in found]
+    return {"api": api, "runs": runs, "note": "" if runs else "no flow runs yet"}
+
+
+# ---------------------------------------------------------------- production (docs/production.md)
+@app.command()
+def deploy(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Create the work pools if missing and register prefect.yaml's deployments (needs PREFECT_API_URL)."""
+    from flows import deploy as deployment
+
+    cfg = load_params(params, set_)
+    try:
+        typer.echo(json.dumps(deployment.deploy(cfg, Path.cwd()), indent=2))
+    except LmlineError as exc:
+        fail(str(exc))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Add data to a source: DVC-tracked, announced to Prefect.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("add")
+def data_add(
+    path: Annotated[Path, typer.Argument(help="a file (or a directory of text files) with the new data")],
+    source: Annotated[str, typer.Option("--source", "-s", help="the ingest source it belongs to")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Add PATH to a source under corpus/, `dvc add` it, and emit lmline.data.updated (starts a retrain)."""
+    from lmline import data
+    from tasks import ingest
+
+    cfg = load_params(params, None)
+    try:
+        # read the new data as ingest will, so a bad row fails now, naming its file and line
+        target = data.find_source(cfg, source)
+        ingest.read_source(target.model_copy(update={"path": str(path / "**" / "*") if path.is_dir() else str(path)}))
+        result = data.add(cfg, Path.cwd(), path, source)
+    except LmlineError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2))
+    if not result["event"]:
+        typer.echo("note: PREFECT_API_URL is not set, so no lmline.data.updated event was sent", err=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ doc; tests/test_configdoc.py fails when the committed doc differs from what this
 from __future__ import annotations
 
 import inspect
+import io
 import re
 import sys
+import tokenize
 import typing
 from pathlib import Path
 
@@ -21,6 +23,17 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 FIELD_LINE = re.compile(r"^\s{4}(\w+):.*?#\s*(.+)$")
 
 
+def trailing_comment(line: str) -> str:
+    """The `# comment` ending a line, not a `#` inside a string (`prompt_separator = "\\n### Response"`)."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line).readline):
+            if token.type == tokenize.COMMENT:
+                return token.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):  # a line that opens a bracket it closes later
+        pass
+    return ""
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """`name: type = default  # why` lines of a class body -> {name: why}."""
     comments: dict[str, str] = {}
@@ -29,8 +42,8 @@ def field_comments(cls: type) -> dict[str, str]:
             continue
         for line in inspect.getsource(klass).splitlines():
             m = FIELD_LINE.match(line)
-            if m:
-                comments[m.group(1)] = m.group(2).strip()
+            if m and trailing_comment(line.strip()):
+                comments[m.group(1)] = trailing_comment(line.strip())
     return comments
 
 

@@ -45,11 +45,13 @@ def setup(params: Params, root: Path | None = None) -> str:
         # Only the embedded (sqlite) default needs an explicit artifact root; a server knows its own.
         location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
         try:
-            return mlflow.create_experiment(name, artifact_location=location)
+            mlflow.create_experiment(name, artifact_location=location)
         except Exception:  # created meanwhile by a concurrent stage
-            exp = mlflow.get_experiment_by_name(name)
-            if exp is None:
-                raise
+            pass
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise LookupError(f"MLflow experiment {name!r} could not be created at {tracking_uri(root)}")
+    # also on the creating call: else the first run of a fresh store lands in the Default experiment
     mlflow.set_experiment(experiment_id=exp.experiment_id)
     return exp.experiment_id
 
@@ -241,6 +243,107 @@ def resolve_model_uri(uri: str, dst: Path | None = None) -> Path:
     return model_dir
 
 
+# ---------------------------------------------------------------- model cards and plot images
+DESCRIPTION_LIMIT = 5000  # MLflow's model_versions.description column; the artifact holds the whole card
+
+
+def publish_model_card(params: Params, root: Path, name: str, version: int | str, upto: str) -> str:
+    """Render the version's card from the metrics files of the stages up to `upto` and its lineage;
+    log it as `model_card.md` on the version's run and set it as the version's description. Best
+    effort: a card that cannot be written is logged as a warning, never a failed stage."""
+    from lmline import modelcard
+
+    try:
+        metrics, samples = modelcard.read_inputs(params, root, upto)
+        card = modelcard.render(params, f"{name}/{version}", metrics, samples, lineage(f"models:/{name}/{version}"))
+        c = client()
+        c.log_text(c.get_model_version(name, str(version)).run_id, card, "model_card.md")
+        description = card if len(card) <= DESCRIPTION_LIMIT else (
+            card[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut here: the whole card is the run's model_card.md)\n")
+        c.update_model_version(name, str(version), description=description)
+        return card
+    except Exception as exc:
+        log.warning("model card for %s v%s not written: %s", name, version, exc)
+        return ""
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _curves(ax, rows: list[dict], columns: list[str]) -> None:
+    for column in columns:
+        points = [(float(r["step"]), float(r[column])) for r in rows if r.get(column) not in ("", None)]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=column)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def plot_figures(stage: str, outputs: dict) -> dict:
+    """The plots dvc.yaml defines, as matplotlib figures named like their CSV: loss curves, the per-rule
+    cleaning drops, the confusion matrix. Only from files the stage wrote."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    loss = outputs.get("loss")
+    if loss and Path(loss).exists():
+        rows = _read_csv(Path(loss))
+        columns = [c for c in rows[0] if c != "step"] if rows else []
+        losses, others = [c for c in columns if c.endswith("loss")], [c for c in columns if not c.endswith("loss")]
+        fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), squeeze=False)
+        _curves(axes[0][0], rows, losses)
+        axes[0][0].set_title(f"{stage} loss")
+        if others:
+            _curves(axes[0][1], rows, others)
+            axes[0][1].set_title(f"{stage} validation metrics")
+        figures[Path(loss).stem] = fig
+    drops = outputs.get("drops")
+    if drops and Path(drops).exists():
+        rows = _read_csv(Path(drops))
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+        ax.barh([r["bar"] for r in rows], [int(r["dropped"]) for r in rows])
+        ax.invert_yaxis()  # first rule on top, as in the CSV
+        ax.set_xlabel("documents dropped")
+        ax.set_title("cleaning: documents dropped per source and rule")
+        figures[Path(drops).stem] = fig
+    confusion = outputs.get("confusion")
+    if confusion and Path(confusion).exists():
+        rows = _read_csv(Path(confusion))
+        labels = sorted({r["actual"] for r in rows} | {r["predicted"] for r in rows})
+        counts = [[sum(1 for r in rows if r["actual"] == a and r["predicted"] == p) for p in labels] for a in labels]
+        fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+        ax.imshow(counts, cmap="Blues")
+        darkest = max(max(row) for row in counts)
+        for i, row in enumerate(counts):
+            for j, n in enumerate(row):
+                ax.text(j, i, str(n), ha="center", va="center", color="white" if n > darkest / 2 else "black")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title("test confusion matrix")
+        figures[Path(confusion).stem] = fig
+    return figures
+
+
+def log_plot_images(stage: str, outputs: dict) -> None:
+    import mlflow
+
+    figures = plot_figures(stage, outputs)
+    import matplotlib.pyplot as plt  # after plot_figures chose the Agg backend
+
+    for name, fig in figures.items():
+        fig.tight_layout()
+        mlflow.log_figure(fig, f"plots/{name}.png")
+        plt.close(fig)
+
+
 class StageRun:
     """Handle the shell uses inside `stage_run` to log what the stage produced."""
 
@@ -263,9 +366,11 @@ class StageRun:
             mlflow.log_artifact(str(path), artifact_path)
 
     def log_stage_outputs(self, stage: str, params: Params, inputs: dict, outputs: dict, metrics: dict) -> None:
-        """Stage-specific extras: step-wise training history, and the trained model into the registry."""
+        """Stage-specific extras: step-wise training history, plot images, the trained model into the
+        registry with its model card; after evaluate, the cards of the versions it evaluated."""
         if "loss" in outputs:
             log_history_csv(Path(outputs["loss"]), "")
+        log_plot_images(stage, outputs)
         if stage in REGISTERED_STAGES:
             name, task = registered_model(params, stage)
             version = log_and_register_model(Path(outputs["model"]), name, task, metrics)
@@ -274,6 +379,12 @@ class StageRun:
                 base = producing_version(params, "pretrain")
                 if base:
                     set_version_tags(name, version, {"lmline.base_model": base})
+            publish_model_card(params, Path.cwd(), name, version, upto=stage)
+        if stage == "evaluate":
+            for registered in REGISTERED_STAGES:
+                name, _, version = producing_version(params, registered).partition("/")
+                if name:
+                    publish_model_card(params, Path.cwd(), name, version, upto="evaluate")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow

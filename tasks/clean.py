@@ -59,6 +59,7 @@ from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.logging import setup_default_logger
 from loguru import logger
 
+from lmline import progress
 from lmline.config import CleanConfig, Params, PiiConfig, slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
@@ -391,7 +392,7 @@ def clean_documents(cfg: CleanConfig, seed: int, sources: list[str], work: Path,
         runs += [(pipeline + [signature], workers, kept), *((steps, tasks, None) for steps, tasks in between)]
         pipeline, kept = [reader(kept), filter_, jsonl_out(work / output)], work / output
     runs.append((pipeline, workers, kept))
-    for i, (steps, tasks, writes) in enumerate(runs):
+    for i, (steps, tasks, writes) in enumerate(progress.bar(runs, desc="clean passes", unit="pass")):
         logs = str(work / "logs" / f"{i:02d}")
         executor = LocalPipelineExecutor(
             steps, tasks=tasks, workers=min(workers, tasks), logging_dir=logs, start_method=START_METHOD

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from lmline import progress
 from lmline.config import EvaluateConfig, Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json
@@ -67,7 +68,8 @@ def total_nll(model, ids: torch.Tensor, context: int, batch_size: int) -> tuple[
     n_full = n_targets // context
     inputs = ids[: n_full * context].view(n_full, context)
     targets = ids[1 : n_full * context + 1].view(n_full, context)
-    nll = sum(_window_nll(model, inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, n_full, batch_size))
+    batches = progress.bar(range(0, n_full, batch_size), desc="LM windows", unit="batch")
+    nll = sum(_window_nll(model, inputs[i : i + batch_size], targets[i : i + batch_size]) for i in batches)
     tail = n_full * context  # the last, shorter window
     if tail < n_targets:
         nll += _window_nll(model, ids[tail:-1][None], ids[tail + 1 :][None])
@@ -98,7 +100,7 @@ def classify(model, tokenizer, texts: list[str], max_length: int, batch_size: in
     model.eval()
     device = next(model.parameters()).device
     predicted: list[int] = []
-    for start in range(0, len(texts), batch_size):
+    for start in progress.bar(range(0, len(texts), batch_size), desc="classify", unit="batch"):
         ids = classification_ids(tokenizer, texts[start : start + batch_size], max_length)
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
         predicted += model(**batch).logits.argmax(-1).tolist()
@@ -143,7 +145,7 @@ def generate_samples(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, 
     device = next(model.parameters()).device
     context = context_length(model.config)
     samples = []
-    for prompt in prompts:
+    for prompt in progress.bar(prompts, desc="generate", unit="prompt"):
         ids = torch.tensor([document_ids(tokenizer, prompt)], device=device)
         transformers.set_seed(seed)
         out = model.generate(
@@ -259,6 +261,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     else:
         tuned = load_causal_lm(inputs["tuned"])
         metrics["task"], metrics["baselines"] = evaluate_causal(base, tuned, inputs["clean"], info, cfg)
+        with atomic_path(outputs["confusion"]) as tmp:  # a declared DVC out: no classes, so no rows
+            tmp.write_text("actual,predicted\n", encoding="utf-8")
         samplers = {"pretrained model": base, "fine-tuned model": tuned}
 
     text = "\n".join(

@@ -35,6 +35,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from lmline import progress
 from lmline.config import FinetuneConfig, Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json, write_json
@@ -314,7 +315,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), budget, LogProgress()],
+        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), budget, LogProgress(),
+                   progress.training_bar(cfg.max_steps, lambda: budget.seconds - (time.monotonic() - budget.started), "finetune")],
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogProgress
     result = fit(trainer, budget, cfg.max_steps)

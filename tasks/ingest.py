@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lmline import samples
+from lmline import progress, samples
 from lmline.config import CsvSource, JsonlSource, ParquetSource, Params, SampleSource, Source, TextFilesSource
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_jsonl
@@ -251,7 +251,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     per_source = {}
     with atomic_path(outputs["raw"]) as raw:
         raw.mkdir()
-        for source in params.ingest.sources:
+        for source in progress.bar(params.ingest.sources, desc="ingest", unit="source"):
             docs, decode_errors = read_source(source)
             records = [to_record(source, doc) for doc in docs]
             write_jsonl(raw / f"{source.name}.jsonl", records)

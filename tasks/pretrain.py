@@ -62,6 +62,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from lmline import progress
 from lmline.config import Params, PretrainConfig
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json, write_json
@@ -343,7 +344,7 @@ def make_trainer(cfg: PretrainConfig, seed: int, model: nn.Module, train_set, ev
         eval_dataset=eval_set,
         processing_class=tokenizer,
         optimizers=(optimizer, schedule),
-        callbacks=[clock],
+        callbacks=[clock, progress.training_bar(cfg.max_steps, lambda: clock.budget_s - clock.seconds(), "pretrain")],
     )
     trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
     return trainer

@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lmline import progress
 from lmline.config import Params, TokenizeConfig
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_json
@@ -126,7 +128,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizeConfig, threads: int = 1) -> 
         min_frequency=cfg.min_frequency,
         special_tokens=[cfg.eos_token, cfg.pad_token],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress.stream() is sys.stderr,  # the Rust bar draws on stderr only
     )
     with rust_threads(threads > 1):
         tokenizer.train_from_iterator(texts, trainer, length=len(texts))
@@ -272,7 +274,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     dtype = token_dtype(vocab_size)
     eos_id, pad_id = tokenizer.token_to_id(cfg.eos_token), tokenizer.token_to_id(cfg.pad_token)
     encode_started = time.perf_counter()
-    packed = {split: encode_documents(texts[split], tokenizer, eos_id, threads, dtype) for split in SPLITS}
+    packed = {split: encode_documents(texts[split], tokenizer, eos_id, threads, dtype)
+              for split in progress.bar(SPLITS, desc="encode", unit="split")}
     encode_seconds = time.perf_counter() - encode_started
 
     splits = {

@@ -129,6 +129,123 @@ def make_dvc_repo(root: Path, params: dict) -> Path:
     for cmd in (["git", "init", "-q", "-b", "main"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
                 [sys.executable, "-m", "dvc", "config", "core.check_update", "false"],
+                ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],  # dvc.yaml's plot templates
                 ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny pipeline"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return root
+
+
+# ---------------------------------------------------------------- real servers on loopback ports
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_for(check, what: str, timeout: float, procs=()) -> None:
+    """Poll `check` until true; fail early, with its log, if a process it depends on exits."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: {proc.args[:3]} exited {proc.returncode}\n{proc.log_path.read_text()[-3000:]}")
+        if check():
+            return
+        time.sleep(0.25)  # polling interval, not a wait for something to happen
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_group(proc) -> None:
+    """SIGINT the process group started for `proc`, then SIGKILL whatever is left."""
+    import signal
+    import subprocess
+
+    for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture(scope="session")
+def served_pipeline(tmp_path_factory, mlflow_template):
+    """A real `prefect server` and `mlflow server` on free loopback ports (SQLite stores in a temp dir)
+    and one tiny `lmline run` against them, run as a newcomer runs it. The UI, status and model-card
+    tests look at the result. Both servers are stopped by process group, whatever happens."""
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    root = tmp_path_factory.mktemp("served")
+    prefect_port, mlflow_port = free_port(), free_port()
+    api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMLINE_", "MLFLOW_TRACKING", "PREFECT_API"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_UI_API_URL": api,  # else the UI calls port 4200
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+    })
+    shutil.copy(mlflow_template, root / "mlflow.db")  # migrated already: the server starts sooner
+    procs = []
+
+    def start(name: str, cmd: list[str]):
+        log = root / f"{name}.log"
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        proc.log_path = log
+        procs.append(proc)
+        return proc
+
+    try:
+        servers = [
+            start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
+            start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                    "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"]),
+        ]
+        wait_for(lambda: answers(f"{api}/health"), "the Prefect server", 180, servers)
+        wait_for(lambda: answers(f"{mlflow_url}/health"), "the MLflow server", 180, servers)
+
+        workspace = make_dvc_repo(root / "workspace", tiny_params())
+        started = time.perf_counter()
+        run = subprocess.run([str(BIN / "lmline"), "run"], cwd=workspace, env=env, capture_output=True, text=True,
+                             timeout=900)
+        seconds = time.perf_counter() - started
+        assert run.returncode == 0, f"lmline run failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+        flow_run = re.search(r"/runs/flow-run/([0-9a-f-]{36})", run.stdout)
+        assert flow_run, f"the summary names no flow run:\n{run.stdout}"
+        yield {"root": root, "workspace": workspace, "env": env, "api": api, "ui": api.removesuffix("/api"),
+               "mlflow": mlflow_url, "flow_run_id": flow_run.group(1), "stdout": run.stdout, "stderr": run.stderr,
+               "seconds": seconds, "model": "tiny-classification"}
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)

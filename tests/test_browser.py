@@ -1,0 +1,87 @@
+"""The Prefect and MLflow UIs in a real headless Chromium, after a tiny `lmline run` against a real
+`prefect server` and `mlflow server` (tests/conftest.py `served_pipeline`): the flow run is Completed
+with a task run per stage and the model card among its artifacts, and the registered model shows its
+version with the `champion` alias and the card as the version's description.
+
+Needs Debian's chromium and the playwright package (.ci/run installs both; never `playwright install`,
+which downloads a browser). Screenshots land in test-output/ (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = REPO / "test-output"
+STAGE_NAMES = ["ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see .ci/run)")
+    if not CHROMIUM.exists():
+        pytest.skip("apt-get install chromium chromium-driver (see .ci/run)")
+    SHOTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def open_page(browser, url: str):
+    # A new page per URL: both UIs are single-page apps, and waiting for network idle on a hash
+    # navigation hangs; the tests wait for the text they need instead.
+    page = browser.new_page()
+    page.goto(url, wait_until="domcontentloaded")
+    return page
+
+
+def wait_for_text(page, *texts: str, timeout_ms: int = 60_000) -> None:
+    page.wait_for_function("want => want.every(t => document.body.innerText.includes(t))", arg=list(texts),
+                           timeout=timeout_ms)
+
+
+def shoot(page, name: str) -> None:
+    path = SHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000, f"{path}: this small, it is a blank page"
+
+
+def test_prefect_shows_the_flow_run_its_stages_and_the_model_card(browser, served_pipeline):
+    page = open_page(browser, f"{served_pipeline['ui']}/runs/flow-run/{served_pipeline['flow_run_id']}")
+    wait_for_text(page, "retrain", "Completed")
+    page.click("li.p-tab#task-runs")  # tabs must be clicked: a ?tab= query is reset
+    wait_for_text(page, *STAGE_NAMES)
+    shoot(page, "prefect-flow-run-task-runs.png")
+    body = page.inner_text("body")
+    assert "Completed" in body and all(stage in body for stage in STAGE_NAMES)
+
+    page.click("li.p-tab#artifacts")
+    wait_for_text(page, "lmline-model-card", "lmline-stages", "lmline-summary")
+    shoot(page, "prefect-flow-run-artifacts.png")
+    page.close()
+
+
+def test_mlflow_shows_the_champion_version_and_its_model_card(browser, served_pipeline):
+    model = served_pipeline["model"]
+    page = open_page(browser, f"{served_pipeline['mlflow']}/#/models/{model}")
+    wait_for_text(page, model, "Version 1", "champion")
+    shoot(page, "mlflow-registered-model.png")
+    page.close()
+
+    page = open_page(browser, f"{served_pipeline['mlflow']}/#/models/{model}/versions/1")
+    wait_for_text(page, "champion", f"Model card: {model} v1", "Compared with the champion", "Intended use")
+    shoot(page, "mlflow-model-version-card.png")
+    page.close()
