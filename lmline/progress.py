@@ -113,7 +113,8 @@ def training_bar(max_steps: int, seconds_left: Callable[[], float] | None = None
             done, elapsed = state.global_step - self.first_step, time.perf_counter() - self.started
             if seconds_left is not None and done and elapsed > 0:
                 reachable = state.global_step + max(0.0, seconds_left()) * done / elapsed
-                self.bar.total = max(state.global_step, min(max_steps, round(reachable)))
+                # no time budget (inf): the step budget is the total
+                self.bar.total = max(state.global_step, round(min(max_steps, reachable)))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             shown = {k: f"{v:.4g}" for k, v in (logs or {}).items() if k in ("loss", "eval_loss") and isinstance(v, float)}

@@ -66,7 +66,7 @@ def write_clean(root, splits: dict[str, list[str]], role: str = "pretrain") -> N
 def params(make_params):
     def make(**tokenize_section):
         p, _ = make_params({
-            "ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "x/*.txt"}]},
+            "ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "corpus/x/*.txt"}]},
             "tokenize": {"vocab_size": 300, "num_proc": 1, **tokenize_section},
         })
         return p

@@ -1,0 +1,79 @@
+"""`lmline deploy`: create the work pools if missing, then register prefect.yaml's deployments.
+
+prefect.yaml reads its pool names, schedule and trigger from {{ $LMLINE_* }} variables; this module
+sets them from params.yaml's `orchestration` section, so params.yaml stays the one place for knobs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from lmline import config
+from lmline.errors import LmlineError
+
+
+def pool_job_template(kind: str, pools: config.WorkPoolsConfig) -> dict:
+    """A process pool's base job template; the gpu pool's default env pins its device(s)."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    if kind == "gpu":
+        template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": pools.gpu_devices}
+    return template
+
+
+def ensure_work_pools(pools: config.WorkPoolsConfig) -> dict[str, str]:
+    """Create each missing pool as a process pool; an existing pool (say a Kubernetes one) is left as is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    done = {}
+    with get_client(sync_client=True) as client:
+        for kind, name in (("cpu", pools.cpu), ("gpu", pools.gpu)):
+            try:
+                client.read_work_pool(name)
+                done[name] = "exists"
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process",
+                                                       base_job_template=pool_job_template(kind, pools)))
+                done[name] = "created"
+    return done
+
+
+def deploy_env(params: config.Params) -> dict[str, str]:
+    """The {{ $LMLINE_* }} values prefect.yaml reads."""
+    o = params.orchestration
+    values = {
+        "LMLINE_PROJECT": params.project.name,
+        "LMLINE_CPU_POOL": o.work_pools.cpu,
+        "LMLINE_GPU_POOL": o.work_pools.gpu,
+        "LMLINE_BRANCH": o.branch,
+        "LMLINE_CRON": o.schedule.cron,
+        "LMLINE_TIMEZONE": o.schedule.timezone,
+        "LMLINE_SCHEDULE_ACTIVE": str(o.schedule.active).lower(),
+        "LMLINE_TRIGGER_ENABLED": str(o.trigger.enabled).lower(),
+        "LMLINE_TRIGGER_QUIET_SECONDS": f"PT{o.trigger.quiet_seconds}S",  # a string duration must be ISO 8601
+    }
+    return {**os.environ, **values}
+
+
+def deploy(params: config.Params, root: Path) -> dict:
+    """Pools, then `prefect deploy --all` in the repo root; returns what was created or updated."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LmlineError("lmline deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    if not (root / "prefect.yaml").exists():
+        raise LmlineError(f"{root / 'prefect.yaml'}: file not found (run lmline deploy in the repo root)")
+    pools = ensure_work_pools(params.orchestration.work_pools)
+    prefect = Path(sys.executable).parent / "prefect"
+    out = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=root, env=deploy_env(params),
+                         capture_output=True, text=True)
+    if out.returncode:
+        # Prefect's own message (often a wrapped validation error) ends its output, before pydantic's link
+        lines = [l.strip() for l in (out.stdout + out.stderr).splitlines()
+                 if l.strip() and not l.strip().startswith("For further information")]
+        raise LmlineError(f"prefect deploy failed: {' '.join(lines[-3:]) or f'exit code {out.returncode}'}")
+    return {"work_pools": pools, "deployments": re.findall(r"Deployment '([^']+)' successfully", out.stdout)}

@@ -1,0 +1,470 @@
+"""Production on one machine: a real Prefect server and MLflow server on loopback ports, cpu and gpu
+process pools with one worker each in its own clone of a temp git repo, a shared local-directory DVC
+remote, the deployments from prefect.yaml (`lmline deploy`), a distributed retrain and the data trigger.
+
+Every process started here is stopped by process group (and any descendant that left the group, by
+PID) when the module ends, failed or not. Waits poll with deadlines; nothing sleeps a fixed time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_dvc_repo, tiny_params
+from lmline import config
+from lmline.config import ConfigError
+from lmline.errors import LmlineError
+
+BIN = Path(sys.executable).parent
+GPU_STAGES = {"pretrain", "finetune", "evaluate"}
+
+
+# ---------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, transitively (flow-run processes start their own sessions, so a group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT the group (twice: a process worker needs a second one), then SIGKILL whatever is left."""
+    tree = descendants(proc.pid)
+    for _ in range(2):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def listening_addresses(procs: list[subprocess.Popen]) -> set[str]:
+    """Local addresses our processes (and their children) listen on."""
+    import psutil
+
+    addresses = set()
+    for pid in [p.pid for p in procs] + [d for p in procs for d in descendants(p.pid)]:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        addresses |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+    return addresses
+
+
+def wait_until(check, what: str, timeout: float, procs: list[subprocess.Popen] = ()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                log = p.log_path.read_text()[-3000:]
+                raise AssertionError(f"{what}: {p.args[:3]} exited with {p.returncode}\n{log}")
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)  # polling interval, not a wait for something to happen
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def healthy(url: str):
+    def check():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    return check
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+# ---------------------------------------------------------------- the installation
+@pytest.fixture(scope="module")
+def prod(tmp_path_factory, mlflow_template):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("prod")
+    prefect_port, mlflow_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # the trigger's quiet window is checked every second
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid",
+    }
+    env.pop("LMLINE_PARENT_RUN_ID", None)
+
+    # one origin repo; the cpu worker's clone is the retrain flow's workspace, the gpu worker has its own
+    # quiet_seconds: wide enough that the two `lmline data add` calls below (~7 s apart here) form one burst
+    params = tiny_params(orchestration={"retries": {}, "mode": "distributed", "trigger": {"quiet_seconds": 20}})
+    origin = make_dvc_repo(root / "origin", params)
+    shutil.copy(REPO / "prefect.yaml", origin / "prefect.yaml")
+    sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(root / "dvc-remote")], origin, env)
+    sh(["git", "add", "-A"], origin, env)
+    sh(["git", "commit", "-q", "-m", "production config"], origin, env)
+    clones = {pool: root / pool for pool in ("cpu", "gpu")}
+    for clone in clones.values():
+        sh(["git", "clone", "-q", str(origin), str(clone)], root, env)
+
+    shutil.copy(mlflow_template, root / "mlflow.db")  # migrated already: the server starts sooner
+    logs, procs = root / "logs", []
+    logs.mkdir()
+
+    def start(name: str, cmd: list[str], cwd: Path, extra: dict | None = None) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, **(extra or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        proc.log_path = logs / f"{name}.log"
+        procs.append(proc)
+        return proc
+
+    try:
+        servers = [
+            start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                     "--port", str(prefect_port)], root),
+            start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                    "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"], root),
+        ]
+        wait_until(healthy(f"{api}/health"), "the Prefect server", 180, servers)
+        wait_until(healthy(f"{mlflow_url}/health"), "the MLflow server", 180, servers)
+        deployed = json.loads(sh([str(BIN / "lmline"), "deploy"], clones["cpu"], env))
+        assert deployed["deployments"] == ["retrain/retrain", "run-stage/run-stage"]
+        for pool, clone in clones.items():
+            start(f"{pool}-worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1",
+                                     "--name", f"{pool}-worker"], clone, {"LMLINE_WORKSPACE": str(clone)})
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield {"root": root, "clones": clones, "mlflow": mlflow_url, "env": env, "logs": logs, "procs": procs}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def flow_runs(deployment: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    flow_name, name = deployment.split("/")
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+        return [r for r in runs if client.read_flow(r.flow_id).name == flow_name]
+
+
+def dump_logs(prod) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(prod["logs"].glob("*.log")))
+
+
+# ---------------------------------------------------------------- pieces, without servers
+def git_repo(root: Path, params: dict | None = None) -> Path:
+    """A tiny pipeline repo (make_dvc_repo) whose `origin` is a bare repo beside it, as a clone's would be."""
+    repo = make_dvc_repo(root / "ws", params or tiny_params())
+    subprocess.run(["git", "init", "-q", "--bare", str(root / "origin.git")], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(root / "origin.git")], cwd=repo, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "main"], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+@pytest.mark.parametrize("override, message", [
+    ("orchestration.pools.train=gpu", "retries/pools name unknown stages ['train']"),
+    ("orchestration.pools.pretrain=tpu", "orchestration.pools.pretrain must be one of 'cpu' or 'gpu'"),
+    ("orchestration.mode=cloud", "orchestration.mode must be one of 'local' or 'distributed'"),
+    ("orchestration.trigger.quiet_seconds=5", "orchestration.trigger.quiet_seconds must be >= 10"),
+    ("orchestration.schedule.timezone=Mars/Olympus", "timezone 'Mars/Olympus' is not an IANA time zone"),
+])
+def test_orchestration_params_are_checked(make_params, override, message):
+    _, path = make_params(tiny_params())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(path, [override])
+
+
+def test_prefect_yaml_reads_exactly_the_values_lmline_deploy_sets(make_params):
+    from flows import deploy
+
+    params, _ = make_params(tiny_params(orchestration={"work_pools": {"gpu": "a100", "gpu_devices": "0,1"},
+                                                       "trigger": {"quiet_seconds": 30}}))
+    env = deploy.deploy_env(params)
+    used = set(re.findall(r"\{\{ \$(LMLINE_\w+) \}\}", (REPO / "prefect.yaml").read_text()))
+    assert used == {k for k in env if k.startswith("LMLINE_")}
+    assert env["LMLINE_GPU_POOL"] == "a100" and env["LMLINE_TRIGGER_QUIET_SECONDS"] == "PT30S"
+    gpu = deploy.pool_job_template("gpu", params.orchestration.work_pools)
+    assert gpu["variables"]["properties"]["env"]["default"] == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert "default" not in deploy.pool_job_template("cpu", params.orchestration.work_pools)["variables"]["properties"]["env"]
+
+
+def test_snapshot_carries_uncommitted_changes_without_touching_branch_or_index(tmp_path):
+    from lmline.data import git, snapshot
+
+    repo = git_repo(tmp_path)
+    head, status = git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("seed: 7", "seed: 8"))
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    commit = snapshot(repo, "refs/lmline/test/pretrain")
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") != status
+    assert git(repo, "diff", "--cached", "--name-only") == "", "the index is untouched"
+    remote = tmp_path / "origin.git"
+    assert git(remote, "rev-parse", "refs/lmline/test/pretrain") == commit
+    assert "seed: 8" in git(remote, "show", f"{commit}:params.yaml")
+    assert git(remote, "show", f"{commit}:dvc.lock").startswith("schema")
+    assert git(remote, "rev-parse", f"{commit}^") == head
+
+
+def test_distributed_mode_needs_a_dvc_remote_and_a_git_origin(tmp_path):
+    from flows import routing
+
+    repo = make_dvc_repo(tmp_path / "ws", tiny_params(orchestration={"mode": "distributed"}))
+    params = config.load(repo / "params.yaml")
+    with pytest.raises(LmlineError, match="no default DVC remote"):
+        routing.check_ready(repo, params)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
+                   cwd=repo, check=True, capture_output=True)
+    with pytest.raises(LmlineError, match="no git remote 'origin'"):
+        routing.check_ready(repo, params)
+
+
+def test_stage_data_targets_and_lock_entries(tmp_path):
+    from flows import routing
+
+    repo = make_dvc_repo(tmp_path / "ws", tiny_params())
+    assert routing.data_targets(repo, "ingest") == []  # corpus/ is in git here: nothing for DVC to move
+    assert routing.data_targets(repo, "pretrain") == ["data/tokenizer", "data/tokens"]
+    assert routing.data_targets(repo, "evaluate") == ["data/clean", "data/tokens", "models/finetune", "models/pretrain"]
+    entry = {"cmd": "lmline stage pretrain", "outs": [{"path": "models/pretrain", "md5": "abc.dir", "hash": "md5"}]}
+    routing.record_lock_entry(repo, "pretrain", entry)
+    routing.record_lock_entry(repo, "tokenize", {"cmd": "lmline stage tokenize"})
+    assert routing.lock_entry(repo, "pretrain") == entry
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["schema"] == "2.0"
+
+
+def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
+    from flows import routing
+    from lmline.data import git
+
+    repo = git_repo(tmp_path)
+    monkeypatch.delenv(routing.WORKSPACE_ENV, raising=False)
+    with pytest.raises(LmlineError, match="LMLINE_WORKSPACE is not set"):
+        routing.enter_workspace()
+    clone = tmp_path / "worker"
+    subprocess.run(["git", "clone", "-q", str(tmp_path / "origin.git"), str(clone)], check=True)
+    (repo / "new.txt").write_text("x")
+    subprocess.run(["git", "add", "new.txt"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "new"], cwd=repo, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "main"], cwd=repo, check=True, capture_output=True)
+    monkeypatch.setenv(routing.WORKSPACE_ENV, str(clone))
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)  # not started by a worker: no run parameters
+    monkeypatch.chdir(tmp_path)
+    assert routing.enter_workspace("main") == {"directory": str(clone)}
+    assert Path.cwd() == clone and git(clone, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize("path, pattern", [
+    ("corpus/docs/a.txt", "corpus/docs/*.txt"),
+    ("corpus/docs/sub/a.txt", "corpus/docs/*.txt"),
+    ("corpus/docs/a.md", "corpus/docs/*.txt"),
+    ("corpus/docs/sub/deeper/a.txt", "corpus/docs/**/*.txt"),
+    ("corpus/docs/sub/a.txt", "corpus/docs/*/*.txt"),
+])
+def test_added_files_must_be_what_the_sources_glob_finds(tmp_path, monkeypatch, path, pattern):
+    import glob
+    from pathlib import PurePosixPath
+
+    from lmline.data import matches_glob
+
+    monkeypatch.chdir(tmp_path)
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_text("x")
+    assert matches_glob(PurePosixPath(path), pattern) == (path in glob.glob(pattern, recursive=True))
+
+
+def test_data_add_appends_rows_and_checks_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmline.config import CsvSource, JsonlSource, ParquetSource
+    from lmline.data import append_rows
+
+    (tmp_path / "old.jsonl").write_text('{"t": "a"}')  # no final newline: the rows must not run together
+    (tmp_path / "new.jsonl").write_text('{"t": "b"}\n')
+    append_rows(tmp_path, tmp_path / "new.jsonl", JsonlSource(name="j", type="jsonl", path="old.jsonl"))
+    assert (tmp_path / "old.jsonl").read_text() == '{"t": "a"}\n{"t": "b"}\n'
+
+    (tmp_path / "old.csv").write_text("text,label\nx,1\n")
+    (tmp_path / "new.csv").write_text("text,label\ny,0\n")
+    (tmp_path / "bad.csv").write_text("label,text\n0,z\n")
+    csv_source = CsvSource(name="c", type="csv", path="old.csv")
+    append_rows(tmp_path, tmp_path / "new.csv", csv_source)
+    assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n"
+    with pytest.raises(LmlineError, match="header 'label,text' differs"):
+        append_rows(tmp_path, tmp_path / "bad.csv", csv_source)
+    assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n", "a failed add leaves the file as it was"
+
+    pq.write_table(pa.table({"text": ["p"]}), tmp_path / "old.parquet")
+    pq.write_table(pa.table({"text": ["q"]}), tmp_path / "new.parquet")
+    pq.write_table(pa.table({"body": ["r"]}), tmp_path / "bad.parquet")
+    pq_source = ParquetSource(name="p", type="parquet", path="old.parquet")
+    append_rows(tmp_path, tmp_path / "new.parquet", pq_source)
+    assert pq.read_table(tmp_path / "old.parquet").column("text").to_pylist() == ["p", "q"]
+    with pytest.raises(LmlineError, match="columns do not match"):
+        append_rows(tmp_path, tmp_path / "bad.parquet", pq_source)
+
+
+def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmline.cli import app
+    from lmline.data import git
+
+    repo = git_repo(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
+                   cwd=repo, check=True, capture_output=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    new = tmp_path / "doc900.txt"
+    new.write_text("A new document.\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
+    assert result.exit_code == 0, result.output
+    added = json.loads(result.stdout)
+    assert added["path"] == "corpus/docs" and added["files"] == ["corpus/docs/doc900.txt"] and not added["event"]
+    assert "no lmline.data.updated event" in result.stderr
+    assert yaml.safe_load((repo / "corpus/docs.dvc").read_text())["outs"][0]["md5"] == added["md5"]
+    assert git(repo, "ls-files", "corpus/docs") == "", "git no longer tracks what DVC now does"
+    assert (tmp_path / "store").is_dir(), "pushed to the DVC remote"
+    tree = git(tmp_path / "origin.git", "ls-tree", "-r", "--name-only", added["revision"])
+    assert "corpus/docs.dvc" in tree and "corpus/docs/doc000.txt" not in tree
+
+    again = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
+    assert again.exit_code == 1 and "corpus/docs/doc900.txt exists" in again.stderr
+    (tmp_path / "bad.jsonl").write_text('{"review": "fine", "verdict": "fresh"}\n{oops\n')
+    bad = runner.invoke(app, ["data", "add", str(tmp_path / "bad.jsonl"), "--source", "reviews"])
+    assert bad.exit_code == 1 and "bad.jsonl line 2: not valid JSON" in bad.stderr
+    wrong = runner.invoke(app, ["data", "add", str(new), "--source", "nope"])
+    assert wrong.exit_code == 1 and "--source 'nope' names no source" in wrong.stderr
+
+
+# ---------------------------------------------------------------- tests with real servers
+@pytest.mark.slow
+def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+
+    cpu, gpu = prod["clones"]["cpu"], prod["clones"]["gpu"]
+    started = time.perf_counter()
+    run = run_deployment("retrain/retrain", timeout=900, poll_interval=1, as_subflow=False)
+    print(f"\ndistributed retrain (deployment run to completion): {time.perf_counter() - started:.1f}s")
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{dump_logs(prod)}"
+    assert run.work_pool_name == "cpu"
+
+    stage_runs = flow_runs("run-stage/run-stage")
+    assert sorted(r.parameters["stage"] for r in stage_runs) == sorted(GPU_STAGES)
+    assert all(r.work_pool_name == "gpu" and r.state.is_completed() for r in stage_runs)
+    assert all(r.parent_task_run_id is not None for r in stage_runs), "routed stages show as subflows of the retrain"
+
+    assert listening_addresses(prod["procs"]) == {"127.0.0.1"}, "servers and workers listen on loopback only"
+
+    # the gpu stages ran in the gpu worker's clone, and only there (training checkpoints are no DVC out:
+    # they stay where training ran); the cpu stages' raw data never had to go there
+    for clone in (gpu, cpu):
+        for out in ("models/pretrain/config.json", "models/finetune/config.json", "metrics/evaluate.json"):
+            assert (clone / out).exists(), (clone, out)
+    assert (gpu / "checkpoints").is_dir() and not (cpu / "checkpoints").exists()
+    assert (cpu / "data/raw").is_dir() and not (gpu / "data/raw").exists()
+
+    # the parent's dvc.lock records all six stages and matches its outputs
+    lock = yaml.safe_load((cpu / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"}
+    status = sh([sys.executable, "-m", "dvc", "status", "--json"], cpu, prod["env"])
+    assert json.loads(status) == {}
+
+    # the model went through the MLflow server, and the stage runs nested under the flow's parent run
+    client = MlflowClient(tracking_uri=prod["mlflow"])
+    champion = client.get_model_version_by_alias("tiny-classification", "champion")
+    parent = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
+    nested = client.search_runs([client.get_run(parent).info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in nested) == sorted(["ingest", "clean", "tokenize", *GPU_STAGES])
+    # each gpu stage's MLflow run was made at the snapshot its routed run checked out
+    revisions = {r.parameters["stage"]: r.parameters["revision"] for r in stage_runs}
+    assert {r.info.run_name: r.data.tags["git.commit"] for r in nested if r.info.run_name in GPU_STAGES} == revisions
+
+
+@pytest.mark.slow
+def test_new_data_triggers_one_retrain(prod):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    cpu, env = prod["clones"]["cpu"], prod["env"]
+    with get_client(sync_client=True) as client:
+        # the triggered run must be created, not executed: that would be a second full pipeline
+        client.update_work_pool("cpu", WorkPoolUpdate(is_paused=True))
+    before = {r.id for r in flow_runs("retrain/retrain")}
+
+    new = prod["root"] / "new"
+    new.mkdir()
+    (new / "doc900.txt").write_text("The harbour was quiet before the storm.\nThe merchant spoke.\n")
+    (new / "reviews.jsonl").write_text(json.dumps({"review": "A wonderful film.", "verdict": "fresh"}) + "\n")
+    # two sources, two events in one burst
+    added = [json.loads(sh([str(BIN / "lmline"), "data", "add", str(new / f), "--source", s], cpu, env))
+             for f, s in (("doc900.txt", "docs"), ("reviews.jsonl", "reviews"))]
+    assert all(a["event"] for a in added)
+    assert (cpu / "corpus/docs.dvc").exists() and (cpu / "corpus/docs/doc900.txt").exists()
+    assert (prod["root"] / "dvc-remote").is_dir()
+
+    triggered = wait_until(lambda: [r for r in flow_runs("retrain/retrain") if r.id not in before],
+                           "a retrain run created by the data trigger", 90)
+    assert len(triggered) == 1, "one burst of data events starts one retrain"
+    [run] = triggered
+    assert run.created_by and run.created_by.type == "AUTOMATION"
+    # it trains the snapshot of the last event: the data of both additions
+    assert run.parameters["revision"] == added[-1]["revision"]
+    assert run.parameters["git_ref"] == added[-1]["git_ref"]
