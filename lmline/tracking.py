@@ -67,11 +67,8 @@ def git_info(root: Path) -> dict[str, str]:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def dvc_dep_hashes(stage: str, root: Path) -> dict[str, str]:
