@@ -183,9 +183,13 @@ def log_and_register_model(model_dir: Path, registered_name: str, task: str, met
     if task == PIPELINE_TASK["causal-lm"]:
         # Signature inference generates text: keep it short so it cannot run past the context length.
         model.generation_config.max_new_tokens = 8
+    from huggingface_hub import ModelCard
+
     info = mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="model",
+        # Our own card: without one MLflow asks the Hugging Face hub for one, which is offline here.
+        model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n# {registered_name}\n\nlmline's model card is the version's description.\n"),
         task=task,
         registered_model_name=registered_name,
         pip_requirements=_pip_requirements(),
