@@ -44,10 +44,10 @@ def ensure_work_pools(pools: config.WorkPoolsConfig) -> dict[str, str]:
     return done
 
 
-def deploy_env(params: config.Params) -> dict[str, str]:
+def deploy_values(params: config.Params) -> dict[str, str]:
     """The {{ $LMLINE_* }} values prefect.yaml reads."""
     o = params.orchestration
-    values = {
+    return {
         "LMLINE_PROJECT": params.project.name,
         "LMLINE_CPU_POOL": o.work_pools.cpu,
         "LMLINE_GPU_POOL": o.work_pools.gpu,
@@ -58,7 +58,11 @@ def deploy_env(params: config.Params) -> dict[str, str]:
         "LMLINE_TRIGGER_ENABLED": str(o.trigger.enabled).lower(),
         "LMLINE_TRIGGER_QUIET_SECONDS": f"PT{o.trigger.quiet_seconds}S",  # a string duration must be ISO 8601
     }
-    return {**os.environ, **values}
+
+
+def deploy_env(params: config.Params) -> dict[str, str]:
+    """The environment `prefect deploy` runs in: ours plus the values prefect.yaml reads."""
+    return {**os.environ, **deploy_values(params)}
 
 
 def deploy(params: config.Params, root: Path) -> dict:

@@ -14,6 +14,13 @@ from lmline import config
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _isolated_verbosity(monkeypatch):
+    """The CLI's --quiet/--verbose travel to stage processes in LMLINE_VERBOSITY; a CLI invoked
+    in-process by one test must not leave it set for the next."""
+    monkeypatch.setenv("LMLINE_VERBOSITY", "normal")
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty, fully migrated MLflow SQLite store: creating one takes seconds, copying it none."""
