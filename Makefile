@@ -14,9 +14,18 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
+# The page `dvc plots show` writes draws with Vega, Vega-Lite and vega-embed. DVC's default page loads
+# them from a CDN (blank offline), so .dvc/config points DVC at $(PLOTS_TEMPLATE) instead: vega/plots-page.html
+# with the three scripts inlined, which draws from file:// with no network wherever the page is written.
+# Exact npm versions, and vega/SHA256SUMS refuses any other bytes (bump both together).
+VEGA_PACKAGES := vega@6.4.0 vega-lite@6.5.0 vega-embed@7.3.0
+VEGA_JS := vega.min.js vega-lite.min.js vega-embed.min.js
+VEGA_BUILD := vega/build
+PLOTS_TEMPLATE := $(VEGA_BUILD)/plots-page.html
+
 .PHONY: run test install clean-outputs
 
-install: $(STAMP)
+install: $(STAMP) $(PLOTS_TEMPLATE)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,10 +35,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(PLOTS_TEMPLATE): vega/plots-page.html vega/SHA256SUMS Makefile
+	@command -v npm >/dev/null || { echo "npm (node 20) is needed once, to fetch Vega for the offline plots page"; exit 1; }
+	rm -rf $(VEGA_BUILD) && mkdir -p $(VEGA_BUILD)/npm
+	cd $(VEGA_BUILD)/npm && npm pack --silent $(VEGA_PACKAGES) >/dev/null
+	for tgz in $(VEGA_BUILD)/npm/*.tgz; do tar -xzf $$tgz -C $(VEGA_BUILD) --strip-components=2 --wildcards 'package/build/*.min.js' || exit 1; done
+	rm -rf $(VEGA_BUILD)/npm
+	cd $(VEGA_BUILD) && sha256sum --check --strict --quiet ../SHA256SUMS
+	{ sed '/<!-- vega scripts -->/,$$d' vega/plots-page.html; \
+	  for js in $(VEGA_JS); do echo "<script>/* $$js */"; cat $(VEGA_BUILD)/$$js; echo; echo '</script>'; done; \
+	  sed '1,/<!-- vega scripts -->/d' vega/plots-page.html; } > $@.tmp
+	mv $@.tmp $@
+
+run: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/lmline run
 
-test: $(STAMP)
+test: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/python -m pytest -q
 
 clean-outputs:

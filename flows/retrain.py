@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 
 from lmline import config, progress, tracking
 from lmline.errors import LmlineError
@@ -154,7 +155,7 @@ def retrain(
         tags = {
             "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""),
-            "prefect.flow_run_url": str(flow_run.ui_url or ""),
+            "prefect.flow_run_url": tracking.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
             **({"lmline.revision": revision} if revision else {}),
         }
         results: list[StageResult] = []

@@ -187,6 +187,8 @@ def echo_table(header: list[str] | None, rows: list[list[str]]) -> None:
 
 def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
     """Where to see this run: direct links when servers are configured, else the commands that start them."""
+    from prefect.settings import PREFECT_UI_URL
+
     from lmline import tracking
 
     uri, parent = tracking.tracking_uri(), summary["mlflow_parent_run_id"]
@@ -194,9 +196,7 @@ def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
         mlflow_link = f"{uri.rstrip('/')}/#/models/{model}" if model else uri
     else:
         mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (f"/#/models/{model}" if model else "")
-    flow_run = f"/runs/flow-run/{summary['flow_run_id']}"
-    api = os.environ.get("PREFECT_API_URL", "")
-    prefect_link = (api.rstrip("/").removesuffix("/api") + flow_run) if api else f"{tool('prefect')} server start, then http://127.0.0.1:4200{flow_run}"
+    prefect_link = tracking.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
     return [("MLflow", f"{mlflow_link}  (parent run {parent})"), ("Prefect", prefect_link),
             ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html")]
 

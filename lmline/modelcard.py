@@ -202,8 +202,8 @@ def lineage_section(lineage: dict) -> list[str]:
     if lineage.get("pipeline_run_id"):
         rows.append(["pipeline run", f"`{lineage['pipeline_run_id']}`"])
     if prefect.get("flow_run_id"):
-        url = prefect.get("flow_run_url", "")
-        url = f" {url}" if url.startswith("http") else ""  # an ephemeral Prefect server has no UI address
+        url = prefect.get("flow_run_url", "")  # lmline.tracking.flow_run_link
+        url = f" {url}" if url.startswith("http") else f" (made without a Prefect server; to see it: {url})" if url else ""
         rows.append(["Prefect flow run", f"`{prefect.get('flow_run_name')}` (`{prefect['flow_run_id']}`){url}"])
     base = lineage.get("base_model")
     if base:

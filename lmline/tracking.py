@@ -536,6 +536,21 @@ def model_version(uri: str):
         raise LmlineError(f"{uri}: not in the registry at {tracking_uri()} ({exc.message.splitlines()[0]})") from None
 
 
+LOCAL_PREFECT_UI = "http://127.0.0.1:4200"  # where `prefect server start` serves by default
+
+
+def flow_run_link(flow_run_id: str, ui_url: str | None, prefect: str = "prefect") -> str:
+    """Where a person sees Prefect flow run `flow_run_id`: its page under `ui_url` (Prefect's
+    PREFECT_UI_URL, set when runs report to a server). Without one the run was made in ephemeral
+    mode and lives only in the local Prefect database (PREFECT_HOME), so the way to see it is the
+    command that serves that database, then the page. Prefect's own `flow_run.ui_url` is
+    "None/flow-runs/..." then; the summary, the MLflow tag, lineage and the model card use this."""
+    page = f"/runs/flow-run/{flow_run_id}"
+    if ui_url:
+        return ui_url.rstrip("/") + page
+    return f"{prefect} server start, then {LOCAL_PREFECT_UI}{page}"
+
+
 def lineage(uri: str) -> dict:
     """Everything behind a registered version: its run (git, DVC dep hashes, params), the pipeline's
     parent run and Prefect flow run, and the base model it was fine-tuned from (recursively)."""
@@ -558,7 +573,11 @@ def lineage(uri: str) -> dict:
     if parent_id:
         ptags = dict(c.get_run(parent_id).data.tags)
         info["pipeline_run_id"] = parent_id
-        info["prefect"] = {k.removeprefix("prefect."): v for k, v in ptags.items() if k.startswith("prefect.")}
+        prefect = {k.removeprefix("prefect."): v for k, v in ptags.items() if k.startswith("prefect.")}
+        if prefect.get("flow_run_id") and prefect.get("flow_run_url", "").startswith("None/"):
+            # recorded in ephemeral mode before flow_run_link existed: Prefect had no UI address to give
+            prefect["flow_run_url"] = flow_run_link(prefect["flow_run_id"], None)
+        info["prefect"] = prefect
     base = dict(mv.tags).get("lmline.base_model")
     if base:
         info["base_model"] = lineage(f"models:/{base}")

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_UI_URL
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -69,6 +70,9 @@ def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
     assert all("stage_seconds" in r.data.metrics for r in nested)
     parent = mlflow.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
+    # the harness serves a real API, so the tag is the run's page there (ephemeral: tests/test_flow_run_links.py)
+    assert parent.data.tags["prefect.flow_run_url"] == f"{PREFECT_UI_URL.value()}/runs/flow-run/{summary['flow_run_id']}"
+    assert parent.data.tags["prefect.flow_run_url"].startswith("http://127.0.0.1:")
 
     assert summary["promotion"]["promoted"] and summary["promotion"]["reason"].startswith("first model")
     assert champion() == summary["promotion"]["candidate"]
