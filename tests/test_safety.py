@@ -1,0 +1,84 @@
+"""No value or command can lose data: paths.* are checked before any work, atomic_path only ever
+removes its own temp folder, snapshots never commit untracked files, and `data add` is all or nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_dvc_repo, tiny_params, write_tiny_corpus
+from lmline import config
+from lmline.config import ConfigError
+from lmline.errors import LmlineError
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t.invalid"}
+
+
+# Content-addressed stores and lock files: written to by reads and failed attempts, lose nothing.
+CACHES = (".git/objects", ".dvc/cache", ".dvc/tmp")
+
+
+def tree_state(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (.git included, its object store not) with its bytes."""
+    return {rel: p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not (rel := p.relative_to(root).as_posix()).startswith(CACHES)}
+
+
+def sh(root: Path, *cmd: str) -> str:
+    out = subprocess.run(cmd, cwd=root, env={**os.environ, **GIT_ENV}, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+# ---------------------------------------------------------------- paths.* before any work
+@pytest.mark.parametrize("override, message", [
+    ("paths.raw=corpus", "params.yaml: paths.raw must not be paths.corpus or lie inside it (got 'corpus')"),
+    ("paths.raw=corpus/raw", "paths.raw must not be paths.corpus or lie inside it (got 'corpus/raw')"),
+    ("paths.corpus=data", "paths.corpus must not contain paths.raw ('data/raw') (got 'data')"),
+    ("paths.raw=.", "paths.raw must name a folder inside the workspace, not the workspace itself (got '.')"),
+    ("paths.raw=''", "paths.raw must name a folder inside the workspace, not the workspace itself (got '')"),
+    ("paths.tokens=./", "paths.tokens must name a folder inside the workspace, not the workspace itself (got './')"),
+    ("paths.clean=data/raw", "paths.clean must not be paths.raw or lie inside it (got 'data/raw')"),
+    ("paths.metrics=models", "paths.metrics must not contain paths.pretrain_model ('models/pretrain') (got 'models')"),
+    ("paths.raw=/tmp/raw", "paths.raw must be relative to the workspace (got '/tmp/raw')"),
+    ("paths.raw=data/../../raw", "paths.raw must stay inside the workspace, without '..' (got 'data/../../raw')"),
+    ("paths.reports=.git", "paths.reports must not be .git or .dvc or lie inside them (got '.git')"),
+    ("paths.plots=.dvc/plots", "paths.plots must not be .git or .dvc or lie inside them (got '.dvc/plots')"),
+    ("paths.reports=params.yaml", "paths.reports must not be params.yaml or lie inside it"),
+])
+def test_a_path_that_could_lose_data_is_refused_naming_its_key(make_params, override, message):
+    _, path = make_params(tiny_params())
+    with pytest.raises(ConfigError) as exc:
+        config.load(path, [override])
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_separate_paths_inside_the_workspace_are_accepted(make_params):
+    _, path = make_params(tiny_params())
+    params = config.load(path, ["paths.raw=data/raw-v2", "paths.tokens=data/tok", "paths.corpus=./my-corpus",
+                                "ingest.sources=[{name: d, type: text_files, path: my-corpus/d/*.txt}]"])
+    assert params.paths.raw == "data/raw-v2"
+
+
+@pytest.mark.parametrize("value", ["corpus", "."])
+def test_lmline_run_with_a_destructive_path_fails_before_any_work(make_params, workspace, value):
+    from typer.testing import CliRunner
+
+    from lmline.cli import app
+
+    make_params(tiny_params())
+    write_tiny_corpus(workspace, n_docs=2, n_reviews=2)
+    sh(workspace, "git", "init", "-q")
+    before = tree_state(workspace)
+    result = CliRunner().invoke(app, ["run", "--set", f"paths.raw={value}"])
+    assert result.exit_code == 1
+    assert "error: params.yaml: paths.raw must" in result.output and f"(got {value!r})" in result.output
+    assert tree_state(workspace) == before, "no file changed"
+
+
