@@ -82,3 +82,47 @@ def test_lmline_run_with_a_destructive_path_fails_before_any_work(make_params, w
     assert tree_state(workspace) == before, "no file changed"
 
 
+# ---------------------------------------------------------------- temp-then-rename
+@pytest.mark.parametrize("target", [".", "", "./", "..", "corpus/..", "CWD"])
+def test_atomic_path_refuses_a_target_with_no_name_and_removes_nothing(workspace, target):
+    from lmline.io import atomic_path
+
+    write_tiny_corpus(workspace, n_docs=2, n_reviews=2)
+    (workspace / ".git").mkdir()
+    (workspace / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    before = tree_state(workspace)
+    with pytest.raises(LmlineError, match="refusing to replace"):
+        with atomic_path(str(workspace) if target == "CWD" else target):
+            raise RuntimeError("the body fails: the old code then removed the temp folder's parent")
+    assert tree_state(workspace) == before
+
+
+def test_atomic_path_refuses_the_filesystem_root():
+    from lmline.io import refuse_unsafe_target
+
+    with pytest.raises(LmlineError, match="refusing to replace '/'"):
+        refuse_unsafe_target(Path("/"))  # only ever called bare: a regression must not get to remove /
+
+
+def test_atomic_path_keeps_the_old_target_when_the_body_fails_and_replaces_it_whole_otherwise(workspace):
+    from lmline.io import atomic_path
+
+    (workspace / "out" / "sub").mkdir(parents=True)
+    (workspace / "out" / "sub" / "a.txt").write_text("old")
+    (workspace / "beside.txt").write_text("beside")
+    with pytest.raises(RuntimeError):
+        with atomic_path("out") as tmp:
+            tmp.mkdir()
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert tree_state(workspace) == {"out/sub/a.txt": b"old", "beside.txt": b"beside", "mlflow.db": (workspace / "mlflow.db").read_bytes()}
+    with pytest.raises(LmlineError, match="nothing was written"):
+        with atomic_path("out"):
+            pass
+    assert (workspace / "out" / "sub" / "a.txt").read_text() == "old"
+    with atomic_path("out") as tmp:
+        tmp.write_text("new")
+    assert (workspace / "out").read_text() == "new"
+    assert sorted(p.name for p in workspace.iterdir()) == ["beside.txt", "mlflow.db", "out"], "no temp folder left"
+
+
