@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,14 +58,57 @@ def dvc_default_remote(root: Path) -> str | None:
         return repo.config["core"].get("remote")
 
 
-def snapshot(root: Path, ref: str) -> str:
+# A commit id: SHA-1, or SHA-256 in a repository that uses it.
+COMMIT_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+
+
+def check_git_ref(ref: str, what: str = "git_ref") -> str:
+    """A ref from a flow parameter, an event payload or params, checked before git sees it: a value
+    like `--upload-pack=CMD` would be read as an option and run CMD."""
+    if not isinstance(ref, str) or not ref or ref.startswith("-") or subprocess.run(
+            ["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode:
+        raise LmlineError(f"{what} {ref!r} is not a valid git ref name")
+    return ref
+
+
+def check_revision(revision: str, what: str = "revision") -> str:
+    if not isinstance(revision, str) or not COMMIT_ID.fullmatch(revision):
+        raise LmlineError(f"{what} {revision!r} must be a full commit id (40 hex digits)")
+    return revision
+
+
+def check_git_inputs(git_ref: str | None, revision: str | None) -> None:
+    """The git_ref / revision a run was given (flow parameters, filled from event payloads); empty: none."""
+    if git_ref:
+        check_git_ref(git_ref, "git_ref")
+    if revision:
+        check_revision(revision, "revision")
+
+
+def untracked(root: Path, env: dict, *pathspecs: str) -> list[str]:
+    """Files matching `pathspecs` that git does not track and does not ignore."""
+    listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", *pathspecs, env=env)
+    return [p for p in listed.split("\0") if p]
+
+
+def snapshot(root: Path, ref: str, include: tuple[str, ...] | list[str] = ()) -> str:
     """Commit the workspace as it is (uncommitted params and dvc.lock included) and push the commit to
-    `ref`, leaving the branch and the index alone; returns the commit."""
+    `ref`, leaving the branch and the index alone; returns the commit.
+
+    The commit holds what git tracks (as it is now, edits included) plus params.yaml, dvc.lock, new
+    .dvc files with the .gitignore DVC writes beside them, and `include` (a params file elsewhere);
+    never other untracked files: a stray .env or raw data meant for DVC would be pushed to origin."""
+    check_git_ref(ref, "snapshot ref")
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index"
         shutil.copy(root / git(root, "rev-parse", "--git-path", "index"), index)
         env = {**os.environ, "GIT_INDEX_FILE": str(index), **SNAPSHOT_AUTHOR}
-        git(root, "add", "-A", env=env)
+        git(root, "add", "--update", env=env)
+        named = untracked(root, env, "params.yaml", "dvc.lock", "*.dvc", *include)
+        gitignores = sorted({(PurePosixPath(p).parent / ".gitignore").as_posix() for p in named if p.endswith(".dvc")})
+        named += untracked(root, env, *gitignores) if gitignores else []
+        if named:
+            git(root, "add", "--", *named, env=env)
         tree = git(root, "write-tree", env=env)
         commit = git(root, "commit-tree", tree, "-p", "HEAD", "-m", f"lmline snapshot for {ref}", env=env)
     # A bare sha cannot be fetched by another clone; a ref pointing at it can.

@@ -306,6 +306,34 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     assert routing.enter_workspace("main") == {"directory": str(clone)}
     assert Path.cwd() == clone and git(clone, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
 
+    # git_ref / revision come from flow parameters and event payloads: checked before git sees them
+    from flows.retrain import retrain
+    from lmline.data import snapshot
+
+    head = git(clone, "rev-parse", "HEAD")
+    marker = tmp_path / "pwned"
+    # the attack is real: handed to git unchecked, this value runs a command on the worker
+    subprocess.run(["git", "fetch", "origin", f"--upload-pack=touch {tmp_path / 'control'}"], cwd=clone, capture_output=True)
+    assert (tmp_path / "control").exists()
+    for git_ref, revision, branch in [
+        (f"--upload-pack=touch {marker}", None, "main"),
+        ("refs/heads/main", f"--upload-pack=touch {marker}", "main"),
+        ("refs/heads/main", "HEAD~1", "main"),  # a revision is a full commit id
+        (None, None, "main bad"),
+    ]:
+        with pytest.raises(LmlineError) as refused:
+            routing.check_out(clone, git_ref, revision, branch)
+        assert "\n" not in str(refused.value) and ("is not a valid git ref name" in str(refused.value)
+                                                    or "must be a full commit id" in str(refused.value))
+    with pytest.raises(LmlineError, match="git_ref '--upload-pack=touch .*' is not a valid git ref name"):
+        retrain.fn(git_ref=f"--upload-pack=touch {marker}")  # the data trigger's parameters, before any work
+    assert not marker.exists() and git(clone, "rev-parse", "HEAD") == head
+
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("seed: 7", "seed: 8"))
+    revision = snapshot(repo, "refs/lmline/run-1/pretrain")
+    routing.check_out(clone, "refs/lmline/run-1/pretrain", revision, "main")
+    assert git(clone, "rev-parse", "HEAD") == revision and "seed: 8" in (clone / "params.yaml").read_text()
+
 
 @pytest.mark.parametrize("path, pattern", [
     ("corpus/docs/a.txt", "corpus/docs/*.txt"),

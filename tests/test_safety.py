@@ -126,3 +126,36 @@ def test_atomic_path_keeps_the_old_target_when_the_body_fails_and_replaces_it_wh
     assert sorted(p.name for p in workspace.iterdir()) == ["beside.txt", "mlflow.db", "out"], "no temp folder left"
 
 
+# ---------------------------------------------------------------- snapshots
+def test_a_snapshot_commits_tracked_files_and_the_pipeline_state_never_untracked_files(tmp_path):
+    from lmline.data import snapshot
+
+    repo, origin = tmp_path / "ws", tmp_path / "origin.git"
+    repo.mkdir()
+    sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
+    (repo / "tracked.txt").write_text("v1")
+    (repo / "params.yaml").write_text("seed: 1\n")
+    (repo / "gone.txt").write_text("deleted later")
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "start")
+    sh(repo, "git", "remote", "add", "origin", str(origin))
+    (repo / "tracked.txt").write_text("v2")
+    (repo / "params.yaml").write_text("seed: 2\n")
+    (repo / "gone.txt").unlink()
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "corpus").mkdir()
+    (repo / "corpus" / "new.jsonl").write_text('{"text": "raw data meant for DVC"}\n')
+    (repo / "corpus" / "new.jsonl.dvc").write_text("outs:\n- md5: abc\n  path: new.jsonl\n")
+    (repo / "corpus" / ".gitignore").write_text("/new.jsonl\n")
+    (repo / ".env").write_text("TOKEN=secret\n")
+    status = sh(repo, "git", "status", "--porcelain")
+
+    commit = snapshot(repo, "refs/lmline/test/stage")
+    files = set(sh(origin, "git", "ls-tree", "-r", "--name-only", commit).splitlines())
+    assert files == {"tracked.txt", "params.yaml", "dvc.lock", "corpus/new.jsonl.dvc", "corpus/.gitignore"}
+    assert sh(origin, "git", "show", f"{commit}:tracked.txt") == "v2"
+    assert sh(origin, "git", "show", f"{commit}:params.yaml") == "seed: 2"
+    assert sh(repo, "git", "status", "--porcelain") == status, "the index and branch are left alone"
+
+
