@@ -359,31 +359,35 @@ def test_data_add_appends_rows_and_checks_them(tmp_path):
     import pyarrow.parquet as pq
 
     from lmline.config import CsvSource, JsonlSource, ParquetSource
-    from lmline.data import append_rows
+    from lmline.data import Rollback, append_rows
+
+    def append(new, source):
+        with Rollback(tmp_path) as rollback:
+            return append_rows(tmp_path, new, source, rollback)
 
     (tmp_path / "old.jsonl").write_text('{"t": "a"}')  # no final newline: the rows must not run together
     (tmp_path / "new.jsonl").write_text('{"t": "b"}\n')
-    append_rows(tmp_path, tmp_path / "new.jsonl", JsonlSource(name="j", type="jsonl", path="old.jsonl"))
+    append(tmp_path / "new.jsonl", JsonlSource(name="j", type="jsonl", path="old.jsonl", text_field="t"))
     assert (tmp_path / "old.jsonl").read_text() == '{"t": "a"}\n{"t": "b"}\n'
 
     (tmp_path / "old.csv").write_text("text,label\nx,1\n")
     (tmp_path / "new.csv").write_text("text,label\ny,0\n")
     (tmp_path / "bad.csv").write_text("label,text\n0,z\n")
     csv_source = CsvSource(name="c", type="csv", path="old.csv")
-    append_rows(tmp_path, tmp_path / "new.csv", csv_source)
+    append(tmp_path / "new.csv", csv_source)
     assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n"
     with pytest.raises(LmlineError, match="header 'label,text' differs"):
-        append_rows(tmp_path, tmp_path / "bad.csv", csv_source)
+        append(tmp_path / "bad.csv", csv_source)
     assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n", "a failed add leaves the file as it was"
 
     pq.write_table(pa.table({"text": ["p"]}), tmp_path / "old.parquet")
     pq.write_table(pa.table({"text": ["q"]}), tmp_path / "new.parquet")
     pq.write_table(pa.table({"body": ["r"]}), tmp_path / "bad.parquet")
     pq_source = ParquetSource(name="p", type="parquet", path="old.parquet")
-    append_rows(tmp_path, tmp_path / "new.parquet", pq_source)
+    append(tmp_path / "new.parquet", pq_source)
     assert pq.read_table(tmp_path / "old.parquet").column("text").to_pylist() == ["p", "q"]
-    with pytest.raises(LmlineError, match="columns do not match"):
-        append_rows(tmp_path, tmp_path / "bad.parquet", pq_source)
+    with pytest.raises(LmlineError, match="bad.parquet has no column 'text'"):
+        append(tmp_path / "bad.parquet", pq_source)
 
 
 def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, monkeypatch):
@@ -412,7 +416,11 @@ def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, m
     assert "corpus/docs.dvc" in tree and "corpus/docs/doc000.txt" not in tree
 
     again = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
-    assert again.exit_code == 1 and "corpus/docs/doc900.txt exists" in again.stderr
+    assert again.exit_code == 0 and json.loads(again.stdout)["changed"] is False, "re-adding the same file adds nothing"
+    assert json.loads(again.stdout)["md5"] == added["md5"]
+    new.write_text("Another document under the same name.\n")
+    other = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
+    assert other.exit_code == 1 and "corpus/docs/doc900.txt exists with other content" in other.stderr
     (tmp_path / "bad.jsonl").write_text('{"review": "fine", "verdict": "fresh"}\n{oops\n')
     bad = runner.invoke(app, ["data", "add", str(tmp_path / "bad.jsonl"), "--source", "reviews"])
     assert bad.exit_code == 1 and "bad.jsonl line 2: not valid JSON" in bad.stderr

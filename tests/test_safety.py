@@ -159,3 +159,72 @@ def test_a_snapshot_commits_tracked_files_and_the_pipeline_state_never_untracked
     assert sh(repo, "git", "status", "--porcelain") == status, "the index and branch are left alone"
 
 
+# ---------------------------------------------------------------- data add: all or nothing
+def test_data_add_undoes_everything_when_a_step_fails_and_a_rerun_ends_as_one_clean_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmline.cli import app
+    from tasks import ingest
+
+    repo = make_dvc_repo(tmp_path / "ws", tiny_params())
+    origin = tmp_path / "origin.git"
+    sh(repo, "git", "remote", "add", "origin", str(origin))  # not created yet: the snapshot's push fails
+    (repo / ".env").write_text("TOKEN=secret\n")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    reviews = repo / "corpus" / "reviews.jsonl"
+    old = reviews.read_bytes()
+    new = tmp_path / "more.jsonl"
+    rows = '{"review": "A brilliant new film.", "verdict": "fresh"}\n{"review": "Dull.", "verdict": "rotten"}\n'
+    new.write_bytes(b"\xef\xbb\xbf" + rows.encode())  # a BOM, as some editors write
+    before = tree_state(repo)
+    runner = CliRunner()
+
+    failed = runner.invoke(app, ["data", "add", str(new), "--source", "reviews"])
+    assert failed.exit_code == 1 and "git push" in failed.stderr
+    assert tree_state(repo) == before, "source file, .dvc file, .gitignore and git index as they were"
+
+    sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
+    done = runner.invoke(app, ["data", "add", str(new), "--source", "reviews"])
+    assert done.exit_code == 0, done.output
+    added = json.loads(done.stdout)
+    assert reviews.read_bytes() == old + rows.encode(), "appended once, without the BOM"
+    source = config.load(repo / "params.yaml").ingest.sources[1]
+    docs, _ = ingest.read_source(source.model_copy(update={"path": str(reviews)}))
+    assert len(docs) == old.count(b"\n") + 2 and docs[-1].text == "Dull."
+    pointer = yaml.safe_load((repo / "corpus" / "reviews.jsonl.dvc").read_text())["outs"][0]
+    assert pointer["md5"] == added["md5"] == hashlib.md5(reviews.read_bytes()).hexdigest()
+    tree = sh(origin, "git", "ls-tree", "-r", "--name-only", added["revision"]).splitlines()
+    assert "corpus/reviews.jsonl.dvc" in tree and ".env" not in tree and "corpus/reviews.jsonl" not in tree
+
+    again = runner.invoke(app, ["data", "add", str(new), "--source", "reviews"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["changed"] is False
+    assert reviews.read_bytes() == old + rows.encode(), "re-adding the same rows adds nothing"
+    def tree_of(revision: str) -> str:  # the commits differ in their time only
+        return sh(origin, "git", "rev-parse", f"{revision}^{{tree}}")
+
+    assert tree_of(json.loads(again.stdout)["revision"]) == tree_of(added["revision"])
+
+
+def test_data_add_checks_exactly_the_rows_it_appends_as_ingest_reads_them(tmp_path):
+    from lmline.config import CsvSource, JsonlSource
+    from lmline.data import Rollback, append_rows
+    from tasks import ingest
+
+    def append(new, source):
+        with Rollback(tmp_path) as rollback:
+            return append_rows(tmp_path, new, source, rollback)
+
+    (tmp_path / "old.csv").write_bytes(b"\xef\xbb\xbftext,label\nx,1\n")
+    (tmp_path / "new.csv").write_bytes(b"\xef\xbb\xbftext,label\ny,0\n")
+    csv_source = CsvSource(name="c", type="csv", path=str(tmp_path / "old.csv"), label_field="label")
+    append(tmp_path / "new.csv", csv_source)
+    assert (tmp_path / "old.csv").read_bytes() == b"\xef\xbb\xbftext,label\nx,1\ny,0\n"
+    assert [d.text for d in ingest.read_source(csv_source)[0]] == ["x", "y"]
+
+    (tmp_path / "old.jsonl").write_text('{"t": "a"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"t": "b"}\n{"u": "no text"}\n')
+    jsonl = JsonlSource(name="j", type="jsonl", path=str(tmp_path / "old.jsonl"), text_field="t")
+    with pytest.raises(LmlineError, match=r"bad.jsonl line 2: no value for 't'"):
+        append(tmp_path / "bad.jsonl", jsonl)
+    assert (tmp_path / "old.jsonl").read_text() == '{"t": "a"}\n'
