@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
 from lmline import config, progress, tracking
+from lmline.data import check_git_inputs
 from lmline.errors import LmlineError
 from lmline.io import read_json
 
@@ -129,6 +130,7 @@ def retrain(
     the deployment's pull step checked out (flows/routing.enter_workspace; the data trigger sets them)."""
     from filelock import FileLock
 
+    check_git_inputs(git_ref, revision)  # from the data trigger's event payload: checked before any use
     log = get_run_logger()
     root = Path(workspace).resolve()
     params_path = root / params_file

@@ -30,7 +30,8 @@ from prefect.runtime import flow_run
 
 from flows.retrain import StageFailed, StageResult, run_stage
 from lmline import config, tracking
-from lmline.data import GIT_REMOTE, dvc, dvc_default_remote, git, has_git_remote, snapshot
+from lmline.data import (GIT_REMOTE, check_git_inputs, check_git_ref, dvc, dvc_default_remote, git, has_git_remote,
+                         snapshot)
 from lmline.errors import LmlineError
 from lmline.io import read_json
 
@@ -142,10 +143,21 @@ def enter_workspace(branch: str = "main") -> dict[str, str]:
         raise LmlineError(f"{WORKSPACE_ENV} is not set: start the worker with {WORKSPACE_ENV}=<its clone of the repo>")
     root = Path(workspace).resolve()
     wanted = flow_run_parameters()
-    git(root, "fetch", "--quiet", GIT_REMOTE, wanted.get("git_ref") or f"refs/heads/{branch}")
-    git(root, "checkout", "--quiet", "--force", "--detach", wanted.get("revision") or "FETCH_HEAD")
+    check_out(root, wanted.get("git_ref"), wanted.get("revision"), branch)
     os.chdir(root)
     return {"directory": str(root)}
+
+
+def check_out(root: Path, git_ref: str | None, revision: str | None, branch: str) -> None:
+    """Fetch `git_ref` (else the tip of `branch`) from origin and check out `revision` (else what was
+    fetched). The values come from flow parameters and event payloads: each is checked first and
+    passed where git cannot take it for an option."""
+    check_git_inputs(git_ref, revision)
+    ref = git_ref or check_git_ref(f"refs/heads/{branch}", "orchestration.branch")
+    git(root, "fetch", "--quiet", "--end-of-options", GIT_REMOTE, ref)
+    # checkout takes no --end-of-options (git 2.39); the checked revision cannot start with '-', and
+    # `--` ends the revisions
+    git(root, "checkout", "--quiet", "--force", "--detach", revision or "FETCH_HEAD", "--")
 
 
 @flow(name="run-stage", log_prints=True)
@@ -215,7 +227,7 @@ def route_stage(stage: str, root: str, force: bool, parent_run_id: str | None, p
     if targets:
         dvc(root_path, "push", *targets)
     ref = f"refs/lmline/{flow_run.id or 'adhoc'}/{stage}"
-    revision = snapshot(root_path, ref)
+    revision = snapshot(root_path, ref, include=[params_file])
     pool = params.orchestration.work_pools.gpu
     log.info("stage %s -> %s pool at %s (%s)", stage, pool, revision[:12], ref)
     child = run_deployment(

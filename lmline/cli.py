@@ -526,15 +526,12 @@ def data_add(
     source: Annotated[str, typer.Option("--source", "-s", help="the ingest source it belongs to")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Add PATH to a source under corpus/, `dvc add` it, and emit lmline.data.updated (starts a retrain)."""
+    """Add PATH to a source under corpus/, `dvc add` it, and emit lmline.data.updated (starts a retrain).
+    All or nothing: a failing step puts everything back; re-running adds nothing twice."""
     from lmline import data
-    from tasks import ingest
 
     cfg = load_params(params, None)
     try:
-        # read the new data as ingest will, so a bad row fails now, naming its file and line
-        target = data.find_source(cfg, source)
-        ingest.read_source(target.model_copy(update={"path": str(path / "**" / "*") if path.is_dir() else str(path)}))
         result = data.add(cfg, Path.cwd(), path, source)
     except LmlineError as exc:
         fail(str(exc))

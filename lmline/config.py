@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -37,7 +37,9 @@ class ProjectConfig(Section):
 
 
 class PathsConfig(Section):
-    """Workspace layout. dvc.yaml interpolates these (${paths.raw}), so code and DVC agree by construction."""
+    """Workspace layout. dvc.yaml interpolates these (${paths.raw}), so code and DVC agree by construction.
+    Each is a folder or file inside the workspace, apart from every other one and from .git and .dvc:
+    stages replace their outputs whole, so an output on top of the corpus would delete it."""
     raw: str = "data/raw"  # ingest's output: one JSONL file per source
     clean: str = "data/clean"  # clean's output: <role>/{train,val,test}.parquet
     tokenizer: str = "data/tokenizer"  # tokenize's Hugging Face fast tokenizer
@@ -49,6 +51,49 @@ class PathsConfig(Section):
     metrics: str = "metrics"  # one <stage>.json per stage (DVC metrics)
     plots: str = "plots"  # the CSVs dvc.yaml's plots draw
     reports: str = "reports"  # samples, model cards
+
+
+# Top-level names a paths.* value must never be or lie inside: git's and DVC's own state, and the
+# files and code that define the pipeline (a stage replaces its output whole).
+RESERVED_PATHS = (".git", ".dvc", "params.yaml", "dvc.yaml", "dvc.lock", "lmline", "tasks", "flows")
+
+
+def check_paths(paths: PathsConfig) -> None:
+    """Raise ValueError, naming the key, for a paths.* value that a stage's output could lose data
+    through: outside the workspace, the workspace itself, a reserved name, or overlapping another."""
+    parts: dict[str, tuple[str, ...]] = {}
+    for key, value in paths.model_dump().items():
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or value.startswith("~"):
+            raise ValueError(f"paths.{key} must be relative to the workspace (got {value!r})")
+        if ".." in pure.parts:
+            raise ValueError(f"paths.{key} must stay inside the workspace, without '..' (got {value!r})")
+        norm = tuple(p for p in pure.parts if p != ".")
+        if not norm:
+            raise ValueError(f"paths.{key} must name a folder inside the workspace, not the workspace itself (got {value!r})")
+        if norm[0] in (".git", ".dvc"):
+            raise ValueError(f"paths.{key} must not be .git or .dvc or lie inside them (got {value!r})")
+        if norm[0] in RESERVED_PATHS:
+            raise ValueError(f"paths.{key} must not be {norm[0]} or lie inside it: the pipeline needs it (got {value!r})")
+        parts[key] = norm
+    defaults = PathsConfig().model_dump()
+    keys = list(parts)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            shorter = min(len(parts[a]), len(parts[b]))
+            if parts[a][:shorter] != parts[b][:shorter]:
+                continue
+            # Name the key the user most likely got wrong: the one changed from its default, else the
+            # one that is not the corpus (it holds their data), else the later one.
+            a_changed, b_changed = getattr(paths, a) != defaults[a], getattr(paths, b) != defaults[b]
+            if a_changed != b_changed:
+                blamed, other = (a, b) if a_changed else (b, a)
+            else:
+                blamed, other = (a, b) if b == "corpus" else (b, a)
+            got = getattr(paths, blamed)
+            if len(parts[blamed]) >= len(parts[other]):
+                raise ValueError(f"paths.{blamed} must not be paths.{other} or lie inside it (got {got!r})")
+            raise ValueError(f"paths.{blamed} must not contain paths.{other} ({getattr(paths, other)!r}) (got {got!r})")
 
 
 # ---------------------------------------------------------------- ingest
@@ -381,6 +426,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_refs(self):
+        check_paths(self.paths)  # first: every check below reads paths
         corpus = Path(self.paths.corpus).parts
         for i, source in enumerate(self.ingest.sources):
             if isinstance(source, SampleSource):

@@ -5,11 +5,21 @@ into the glob's directory; JSONL/CSV rows and Parquet tables are appended to the
 that place under DVC (`dvc add`, and `dvc push` when a default remote is set), snapshots the workspace
 to a git ref, and emits a `lmline.data.updated` Prefect event naming the source, the new DVC hash and
 the snapshot: the retrain deployment's trigger trains exactly that snapshot.
+
+It is all or nothing: the new data is checked first, read the way ingest reads it, exactly as it will
+be appended; if any later step fails (dvc add, dvc push, the snapshot, the event) the source's files,
+the .dvc file, .gitignore, the git index and the snapshot ref are put back as they were. Re-running
+is safe: data that is already there (a text file of the same name and bytes, or a source file that
+already ends with exactly these rows) is not added twice, and the remaining steps run again, so a
+re-run after any failure ends as one clean run would.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,14 +67,57 @@ def dvc_default_remote(root: Path) -> str | None:
         return repo.config["core"].get("remote")
 
 
-def snapshot(root: Path, ref: str) -> str:
+# A commit id: SHA-1, or SHA-256 in a repository that uses it.
+COMMIT_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+
+
+def check_git_ref(ref: str, what: str = "git_ref") -> str:
+    """A ref from a flow parameter, an event payload or params, checked before git sees it: a value
+    like `--upload-pack=CMD` would be read as an option and run CMD."""
+    if not isinstance(ref, str) or not ref or ref.startswith("-") or subprocess.run(
+            ["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode:
+        raise LmlineError(f"{what} {ref!r} is not a valid git ref name")
+    return ref
+
+
+def check_revision(revision: str, what: str = "revision") -> str:
+    if not isinstance(revision, str) or not COMMIT_ID.fullmatch(revision):
+        raise LmlineError(f"{what} {revision!r} must be a full commit id (40 hex digits)")
+    return revision
+
+
+def check_git_inputs(git_ref: str | None, revision: str | None) -> None:
+    """The git_ref / revision a run was given (flow parameters, filled from event payloads); empty: none."""
+    if git_ref:
+        check_git_ref(git_ref, "git_ref")
+    if revision:
+        check_revision(revision, "revision")
+
+
+def untracked(root: Path, env: dict, *pathspecs: str) -> list[str]:
+    """Files matching `pathspecs` that git does not track and does not ignore."""
+    listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", *pathspecs, env=env)
+    return [p for p in listed.split("\0") if p]
+
+
+def snapshot(root: Path, ref: str, include: tuple[str, ...] | list[str] = ()) -> str:
     """Commit the workspace as it is (uncommitted params and dvc.lock included) and push the commit to
-    `ref`, leaving the branch and the index alone; returns the commit."""
+    `ref`, leaving the branch and the index alone; returns the commit.
+
+    The commit holds what git tracks (as it is now, edits included) plus params.yaml, dvc.lock, new
+    .dvc files with the .gitignore DVC writes beside them, and `include` (a params file elsewhere);
+    never other untracked files: a stray .env or raw data meant for DVC would be pushed to origin."""
+    check_git_ref(ref, "snapshot ref")
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "index"
         shutil.copy(root / git(root, "rev-parse", "--git-path", "index"), index)
         env = {**os.environ, "GIT_INDEX_FILE": str(index), **SNAPSHOT_AUTHOR}
-        git(root, "add", "-A", env=env)
+        git(root, "add", "--update", env=env)
+        named = untracked(root, env, "params.yaml", "dvc.lock", "*.dvc", *include)
+        gitignores = sorted({(PurePosixPath(p).parent / ".gitignore").as_posix() for p in named if p.endswith(".dvc")})
+        named += untracked(root, env, *gitignores) if gitignores else []
+        if named:
+            git(root, "add", "--", *named, env=env)
         tree = git(root, "write-tree", env=env)
         commit = git(root, "commit-tree", tree, "-p", "HEAD", "-m", f"lmline snapshot for {ref}", env=env)
     # A bare sha cannot be fetched by another clone; a ref pointing at it can.
@@ -105,48 +158,153 @@ def matches_glob(path: PurePosixPath, pattern: str) -> bool:
     return len(path.parts) == len(PurePosixPath(pattern).parts) and path.match(pattern)
 
 
-def copy_text_files(root: Path, new: Path, source: TextFilesSource) -> list[Path]:
-    """Copy a file, or a directory's files, into the source's directory; each must match the glob."""
+class Rollback:
+    """Puts back what `data add` changed when a later step fails: each file it was told about before
+    changing it (restored, or removed if it was new), folders it created (if left empty), the git
+    index, and a snapshot ref it pushed that was not on origin before."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.saved: dict[Path, Path | None] = {}  # file -> its copy (None: the file did not exist)
+        self.created_dirs: list[Path] = []
+        self.pushed_ref: str | None = None
+        self.backup: Path | None = None  # where the copies are, made on first need
+
+    def __enter__(self) -> "Rollback":
+        return self
+
+    def keep(self, *paths: str | Path) -> None:
+        """Remember these files (relative to the workspace) as they are now."""
+        for rel in paths:
+            path = self.root / rel
+            if path in self.saved:
+                continue
+            if path.is_file():
+                self.backup = self.backup or Path(tempfile.mkdtemp(prefix="lmline-data-add."))
+                copy = self.backup / str(len(self.saved))
+                shutil.copy2(path, copy)
+                self.saved[path] = copy
+            else:
+                self.saved[path] = None
+                missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+                self.created_dirs += [d for d in reversed(missing) if d not in self.created_dirs]
+
+    def ref_to_push(self, ref: str) -> None:
+        listed = subprocess.run(["git", "ls-remote", "--end-of-options", GIT_REMOTE, ref], cwd=self.root,
+                                capture_output=True, text=True)
+        if listed.returncode == 0 and not listed.stdout.strip():
+            self.pushed_ref = ref
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is not None:
+                self.undo()
+        finally:
+            if self.backup:
+                shutil.rmtree(self.backup, ignore_errors=True)
+
+    def undo(self) -> None:
+        for path, copy in reversed(list(self.saved.items())):
+            if copy is not None:
+                shutil.move(copy, path)
+            elif path.is_file() or path.is_symlink():
+                path.unlink()
+        for folder in sorted(self.created_dirs, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        if self.pushed_ref:
+            subprocess.run(["git", "push", "--quiet", GIT_REMOTE, "--delete", self.pushed_ref], cwd=self.root,
+                           capture_output=True)
+
+
+def check_as_ingest_reads(source: Source, file: Path, shown: Path) -> None:
+    """Read `file` with ingest's own reader for `source`; an error names `shown` (the user's file)."""
+    from tasks import ingest
+
+    pattern = glob.escape(str(file)) if isinstance(source, TextFilesSource) else str(file)
+    try:
+        ingest.read_source(source.model_copy(update={"path": pattern, "max_docs": None}))
+    except LmlineError as exc:
+        raise LmlineError(str(exc).replace(str(file), str(shown))) from None
+
+
+def copy_text_files(root: Path, new: Path, source: TextFilesSource, rollback: Rollback) -> tuple[list[Path], bool]:
+    """Copy a file, or a directory's files, into the source's directory; each must match the glob.
+    A file already there with the same bytes is left (a re-run); with other bytes it is refused."""
     place = source_place(source)
     files = sorted(p for p in new.rglob("*") if p.is_file()) if new.is_dir() else [new]
+    if not files:
+        raise LmlineError(f"{new}: no files in it")
     dests = [place / (p.relative_to(new) if new.is_dir() else p.name) for p in files]
-    for dest in dests:
+    todo = []
+    for src, dest in zip(files, dests):
         if not matches_glob(PurePosixPath(dest.as_posix()), source.path):
             raise LmlineError(f"{dest} would not match source {source.name}'s glob {source.path!r}")
+        check_as_ingest_reads(source, src, src)  # copied byte for byte: the new file is what ingest reads
         if (root / dest).exists():
-            raise LmlineError(f"{dest} exists: adding never overwrites; rename the new file")
-    for src, dest in zip(files, dests):
+            if (root / dest).read_bytes() != src.read_bytes():
+                raise LmlineError(f"{dest} exists with other content: adding never overwrites; rename the new file")
+            continue  # added before (a re-run)
+        todo.append((src, dest))
+    for src, dest in todo:
+        rollback.keep(dest)
         with atomic_path(root / dest) as tmp:
             shutil.copy2(src, tmp)
-    return dests
+    return dests, bool(todo)
 
 
-def append_rows(root: Path, new: Path, source: JsonlSource | CsvSource | ParquetSource) -> list[Path]:
-    """Append the new file's rows to the source's file (a copy when the source has none yet)."""
+def without_bom(data: bytes) -> bytes:
+    """Ingest drops a UTF-8 BOM only at the start of a file: one left mid-file would corrupt a row."""
+    return data.removeprefix(b"\xef\xbb\xbf")
+
+
+def append_rows(root: Path, new: Path, source: JsonlSource | CsvSource | ParquetSource,
+                rollback: Rollback) -> tuple[list[Path], bool]:
+    """Append the new file's rows to the source's file (a copy when the source has none yet), after
+    reading exactly what is appended the way ingest will. Rows the file already ends with are not
+    appended again (a re-run)."""
     path = root / source.path
     if not path.exists():
+        check_as_ingest_reads(source, new, new)
+        rollback.keep(source.path)
         with atomic_path(path) as tmp:
             shutil.copy2(new, tmp)
-        return [Path(source.path)]
-    with atomic_path(path) as tmp:
-        if isinstance(source, ParquetSource):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        return [Path(source.path)], True
+    if isinstance(source, ParquetSource):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            try:
-                table = pa.concat_tables([pq.read_table(path), pq.read_table(new)])
-            except pa.ArrowInvalid as exc:
-                raise LmlineError(f"{new}: its columns do not match {path}'s ({exc})") from None
+        check_as_ingest_reads(source, new, new)
+        old, added = pq.read_table(path), pq.read_table(new)
+        if old.num_rows >= added.num_rows and old.slice(old.num_rows - added.num_rows).equals(added):
+            return [Path(source.path)], False
+        try:
+            table = pa.concat_tables([old, added])
+        except pa.ArrowInvalid as exc:
+            raise LmlineError(f"{new}: its columns do not match {path}'s ({exc})") from None
+        rollback.keep(source.path)
+        with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-        else:
-            old, added = path.read_bytes(), new.read_bytes()
-            if isinstance(source, CsvSource):
-                old_header, _, _ = old.partition(b"\n")
-                new_header, _, added = added.partition(b"\n")
-                if new_header.strip() != old_header.strip():
-                    raise LmlineError(f"{new}: header {new_header.strip().decode()!r} differs from {path}'s")
-            tmp.write_bytes(old + (b"" if old.endswith(b"\n") or not old else b"\n") + added)
-    return [Path(source.path)]
+        return [Path(source.path)], True
+    old, added = path.read_bytes(), without_bom(new.read_bytes())
+    header = b""
+    if isinstance(source, CsvSource):
+        old_header, _, _ = without_bom(old).partition(b"\n")
+        new_header, _, added = added.partition(b"\n")
+        if new_header.strip() != old_header.strip():
+            raise LmlineError(f"{new}: header {new_header.strip().decode(errors='replace')!r} differs from {path}'s")
+        header = old_header + b"\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        # exactly the bytes to append (under the source's header for a CSV), read as ingest reads them
+        probe = Path(tmp) / new.name
+        probe.write_bytes(header + added)
+        check_as_ingest_reads(source, probe, new)
+    if old.endswith(added):
+        return [Path(source.path)], False
+    rollback.keep(source.path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(old + (b"" if old.endswith(b"\n") or not old else b"\n") + added)
+    return [Path(source.path)], True
 
 
 def dvc_add(root: Path, place: Path) -> str:
@@ -179,23 +337,30 @@ def emit_updated(params: Params, source: str, payload: dict) -> bool:
 
 
 def add(params: Params, root: Path, new: Path, source_name: str) -> dict:
-    """`lmline data add`: put the data in place, track it, snapshot the workspace `root`, announce it."""
+    """`lmline data add`: put the data in place, track it, snapshot the workspace `root`, announce it;
+    all or nothing (see the module docstring)."""
     source = find_source(params, source_name)
     if not new.exists():
         raise LmlineError(f"{new}: file not found")
-    if isinstance(source, TextFilesSource):
-        added = copy_text_files(root, new, source)
-    else:
-        added = append_rows(root, new, source)
     place = source_place(source)
-    md5 = dvc_add(root, place)
-    remote = dvc_default_remote(root)
-    if remote:
-        dvc(root, "push", str(place.with_name(place.name + ".dvc")))
-    git_ref = revision = ""
-    if has_git_remote(root):
-        git_ref = f"refs/lmline/data/{source.name}-{md5.removesuffix('.dir')[:12]}"
-        revision = snapshot(root, git_ref)
-    payload = {"source": source.name, "md5": md5, "path": str(place), "files": [str(p) for p in added],
-               "git_ref": git_ref, "revision": revision}
-    return {**payload, "dvc_remote": remote or "", "event": emit_updated(params, source.name, payload)}
+    pointer = place.with_name(place.name + ".dvc")
+    with Rollback(root) as rollback:
+        rollback.keep(git(root, "rev-parse", "--git-path", "index"))  # dvc_add stages its changes
+        if isinstance(source, TextFilesSource):
+            added, changed = copy_text_files(root, new, source, rollback)
+        else:
+            added, changed = append_rows(root, new, source, rollback)
+        rollback.keep(pointer, place.parent / ".gitignore")
+        md5 = dvc_add(root, place)
+        remote = dvc_default_remote(root)
+        if remote:
+            dvc(root, "push", str(pointer))
+        git_ref = revision = ""
+        if has_git_remote(root):
+            git_ref = f"refs/lmline/data/{source.name}-{md5.removesuffix('.dir')[:12]}"
+            rollback.ref_to_push(git_ref)
+            revision = snapshot(root, git_ref)
+        payload = {"source": source.name, "md5": md5, "path": str(place), "files": [str(p) for p in added],
+                   "git_ref": git_ref, "revision": revision}
+        event = emit_updated(params, source.name, payload)
+    return {**payload, "changed": changed, "dvc_remote": remote or "", "event": event}

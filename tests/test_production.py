@@ -306,6 +306,34 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     assert routing.enter_workspace("main") == {"directory": str(clone)}
     assert Path.cwd() == clone and git(clone, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
 
+    # git_ref / revision come from flow parameters and event payloads: checked before git sees them
+    from flows.retrain import retrain
+    from lmline.data import snapshot
+
+    head = git(clone, "rev-parse", "HEAD")
+    marker = tmp_path / "pwned"
+    # the attack is real: handed to git unchecked, this value runs a command on the worker
+    subprocess.run(["git", "fetch", "origin", f"--upload-pack=touch {tmp_path / 'control'}"], cwd=clone, capture_output=True)
+    assert (tmp_path / "control").exists()
+    for git_ref, revision, branch in [
+        (f"--upload-pack=touch {marker}", None, "main"),
+        ("refs/heads/main", f"--upload-pack=touch {marker}", "main"),
+        ("refs/heads/main", "HEAD~1", "main"),  # a revision is a full commit id
+        (None, None, "main bad"),
+    ]:
+        with pytest.raises(LmlineError) as refused:
+            routing.check_out(clone, git_ref, revision, branch)
+        assert "\n" not in str(refused.value) and ("is not a valid git ref name" in str(refused.value)
+                                                    or "must be a full commit id" in str(refused.value))
+    with pytest.raises(LmlineError, match="git_ref '--upload-pack=touch .*' is not a valid git ref name"):
+        retrain.fn(git_ref=f"--upload-pack=touch {marker}")  # the data trigger's parameters, before any work
+    assert not marker.exists() and git(clone, "rev-parse", "HEAD") == head
+
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("seed: 7", "seed: 8"))
+    revision = snapshot(repo, "refs/lmline/run-1/pretrain")
+    routing.check_out(clone, "refs/lmline/run-1/pretrain", revision, "main")
+    assert git(clone, "rev-parse", "HEAD") == revision and "seed: 8" in (clone / "params.yaml").read_text()
+
 
 @pytest.mark.parametrize("path, pattern", [
     ("corpus/docs/a.txt", "corpus/docs/*.txt"),
@@ -331,31 +359,35 @@ def test_data_add_appends_rows_and_checks_them(tmp_path):
     import pyarrow.parquet as pq
 
     from lmline.config import CsvSource, JsonlSource, ParquetSource
-    from lmline.data import append_rows
+    from lmline.data import Rollback, append_rows
+
+    def append(new, source):
+        with Rollback(tmp_path) as rollback:
+            return append_rows(tmp_path, new, source, rollback)
 
     (tmp_path / "old.jsonl").write_text('{"t": "a"}')  # no final newline: the rows must not run together
     (tmp_path / "new.jsonl").write_text('{"t": "b"}\n')
-    append_rows(tmp_path, tmp_path / "new.jsonl", JsonlSource(name="j", type="jsonl", path="old.jsonl"))
+    append(tmp_path / "new.jsonl", JsonlSource(name="j", type="jsonl", path="old.jsonl", text_field="t"))
     assert (tmp_path / "old.jsonl").read_text() == '{"t": "a"}\n{"t": "b"}\n'
 
     (tmp_path / "old.csv").write_text("text,label\nx,1\n")
     (tmp_path / "new.csv").write_text("text,label\ny,0\n")
     (tmp_path / "bad.csv").write_text("label,text\n0,z\n")
     csv_source = CsvSource(name="c", type="csv", path="old.csv")
-    append_rows(tmp_path, tmp_path / "new.csv", csv_source)
+    append(tmp_path / "new.csv", csv_source)
     assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n"
     with pytest.raises(LmlineError, match="header 'label,text' differs"):
-        append_rows(tmp_path, tmp_path / "bad.csv", csv_source)
+        append(tmp_path / "bad.csv", csv_source)
     assert (tmp_path / "old.csv").read_text() == "text,label\nx,1\ny,0\n", "a failed add leaves the file as it was"
 
     pq.write_table(pa.table({"text": ["p"]}), tmp_path / "old.parquet")
     pq.write_table(pa.table({"text": ["q"]}), tmp_path / "new.parquet")
     pq.write_table(pa.table({"body": ["r"]}), tmp_path / "bad.parquet")
     pq_source = ParquetSource(name="p", type="parquet", path="old.parquet")
-    append_rows(tmp_path, tmp_path / "new.parquet", pq_source)
+    append(tmp_path / "new.parquet", pq_source)
     assert pq.read_table(tmp_path / "old.parquet").column("text").to_pylist() == ["p", "q"]
-    with pytest.raises(LmlineError, match="columns do not match"):
-        append_rows(tmp_path, tmp_path / "bad.parquet", pq_source)
+    with pytest.raises(LmlineError, match="bad.parquet has no column 'text'"):
+        append(tmp_path / "bad.parquet", pq_source)
 
 
 def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, monkeypatch):
@@ -384,7 +416,11 @@ def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, m
     assert "corpus/docs.dvc" in tree and "corpus/docs/doc000.txt" not in tree
 
     again = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
-    assert again.exit_code == 1 and "corpus/docs/doc900.txt exists" in again.stderr
+    assert again.exit_code == 0 and json.loads(again.stdout)["changed"] is False, "re-adding the same file adds nothing"
+    assert json.loads(again.stdout)["md5"] == added["md5"]
+    new.write_text("Another document under the same name.\n")
+    other = runner.invoke(app, ["data", "add", str(new), "--source", "docs"])
+    assert other.exit_code == 1 and "corpus/docs/doc900.txt exists with other content" in other.stderr
     (tmp_path / "bad.jsonl").write_text('{"review": "fine", "verdict": "fresh"}\n{oops\n')
     bad = runner.invoke(app, ["data", "add", str(tmp_path / "bad.jsonl"), "--source", "reviews"])
     assert bad.exit_code == 1 and "bad.jsonl line 2: not valid JSON" in bad.stderr
