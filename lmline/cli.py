@@ -307,19 +307,47 @@ def generate(
     seed: Annotated[Optional[int], typer.Option()] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate)."""
+    """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate).
+    Always samples: --temperature must be above 0 (as evaluate.temperature); a small one is near-greedy."""
     from lmline import tracking
     from tasks import evaluate
 
     cfg = load_params(params, None)
-    try:
-        lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
-    except LmlineError as exc:
-        fail(str(exc))
+    check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
+    lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
     typer.echo(text)
+
+
+def check_sampling_options(max_new_tokens: int | None, temperature: float | None, seed: int | None) -> None:
+    """The options' limits, said in one line (typer's own range errors are a multi-line box)."""
+    import math
+
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LmlineError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise LmlineError(f"--temperature must be above 0 (got {temperature}); a small one, e.g. 0.05, is near-greedy")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise LmlineError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
+
+
+def load_classifier(path: Path):
+    """A sequence classifier with its trained head, and its tokenizer. Refuses a causal LM (or any model
+    whose saved weights lack the head): transformers would add a random head and answer at random."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.finetune import require_model
+
+    require_model(path)
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise LmlineError(f"{path}: not a fine-tuned classifier (architectures: {architectures})")
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"]:
+        raise LmlineError(f"{path}: the classifier's weights lack {', '.join(sorted(info['missing_keys']))}")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 @app.command()
@@ -330,18 +358,12 @@ def classify(
 ) -> None:
     """Classify TEXT with the fine-tuned classifier; prints the label and class probabilities."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmline import tracking
     from tasks import finetune
 
     cfg = load_params(params, None)
-    try:
-        local = tracking.resolve_model_uri(model or default_model(cfg, "task"))
-    except LmlineError as exc:
-        fail(str(exc))
-    tok = AutoTokenizer.from_pretrained(local)
-    clf = AutoModelForSequenceClassification.from_pretrained(local).eval()
+    clf, tok = load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
     max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
     ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
