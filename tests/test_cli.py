@@ -71,3 +71,26 @@ def test_classify_refuses_a_classifier_config_without_head_weights(tiny_models):
     result = CliRunner().invoke(app, ["classify", "a wonderful film", "--model", str(headless)])
     assert one_line_error(result) == f"error: {headless}: the classifier's weights lack score.weight"
 
+
+# ---------------------------------------------------------------- the one error handler
+def test_the_lmline_script_is_main_and_every_user_error_is_one_line(workspace):
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    from conftest import REPO
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["lmline"] == "lmline.cli:main"
+    # what the installed script does: import main and call it
+    proc = subprocess.run([sys.executable, "-c", "from lmline.cli import main; main()", "stage", "nosuch"],
+                          capture_output=True, text=True, cwd=workspace, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: unknown stage 'nosuch' (stages: ingest, clean, tokenize, pretrain, "
+                                        "finetune, evaluate)"]
+    # MLflow's own errors (promote caught them itself before the handler) are one line too
+    result = CliRunner().invoke(app, ["promote", "no-such-model", "3"])
+    line = one_line_error(result)
+    assert line.startswith("error: ") and "no-such-model" in line and "Traceback" not in result.output
+
