@@ -2,6 +2,10 @@
 
 `lmline stage NAME` is what dvc.yaml's `cmd` runs; the Prefect flow runs the DVC stages, so every
 path into a stage goes through `run_stage` below.
+
+Errors: commands just raise LmlineError. One handler, in the app's top-level group (OneLineErrors),
+prints it as `error: <message>` on one line and exits 1, for every command: under the `lmline`
+script (main) and under typer's CliRunner alike, which both run that group.
 """
 from __future__ import annotations
 
@@ -15,28 +19,51 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 import lmline  # noqa: F401  (sets the offline switches before any library import)
 from lmline import config
 from lmline.errors import LmlineError
 from lmline.io import write_json
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and ship small language models.")
+
+class OneLineErrors(TyperGroup):
+    """Runs the command; the one place a user-facing error becomes `error: <one line>` and exit 1.
+    MLflow's own errors (an unknown model or version) are user errors too; anything else is a bug
+    and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LmlineError as exc:
+            message = str(exc)
+        except Exception as exc:
+            mlflow_errors = sys.modules.get("mlflow.exceptions")  # loaded if MLflow could have raised it
+            if mlflow_errors is None or not isinstance(exc, mlflow_errors.MlflowException):
+                raise
+            message = exc.message if isinstance(exc.message, str) else str(exc)
+        one_line = " ".join(message.splitlines()).strip()  # a message that slipped a newline in stays one line
+        typer.echo(f"error: {one_line}", err=True)
+        raise typer.Exit(1)
+
+
+app = typer.Typer(
+    cls=OneLineErrors, add_completion=False, no_args_is_help=True, help="Train and ship small language models."
+)
+
+
+def main() -> None:
+    """The `lmline` script (pyproject's [project.scripts]): typer in standalone mode, so usage errors,
+    --help and exit codes are click's; LmlineError is handled once, in OneLineErrors."""
+    app(prog_name="lmline")
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. pretrain.lr=1e-3")]
 
 
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 def load_params(params: Path, overrides: list[str] | None) -> config.Params:
-    try:
-        return config.load(params, overrides)
-    except LmlineError as exc:
-        fail(str(exc))
+    return config.load(params, overrides)
 
 
 def run_stage(name: str, params: config.Params, root: Path | None = None) -> dict:
@@ -66,7 +93,7 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
 
 
 @app.callback()
-def main(
+def global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")] = False,
 ) -> None:
@@ -93,12 +120,9 @@ def stage(
 ) -> None:
     """Run one pipeline stage (what dvc.yaml's cmd calls)."""
     if name not in config.STAGES:
-        fail(f"unknown stage {name!r} (stages: {', '.join(config.STAGES)})")
+        raise LmlineError(f"unknown stage {name!r} (stages: {', '.join(config.STAGES)})")
     cfg = load_params(params, set_)
-    try:
-        metrics = run_stage(name, cfg)
-    except LmlineError as exc:
-        fail(str(exc))
+    metrics = run_stage(name, cfg)
     typer.echo(json.dumps({name: metrics}, indent=2, sort_keys=True))
 
 
@@ -108,10 +132,7 @@ def sources(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     from tasks import ingest
 
     cfg = load_params(params, set_)
-    try:
-        rows = ingest.describe_sources(cfg)
-    except LmlineError as exc:
-        fail(str(exc))
+    rows = ingest.describe_sources(cfg)
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['type']:<10} {r['role']:<8} {r['size']:>12}  {r['where']}")
@@ -133,10 +154,7 @@ def run(
         os.environ[progress.TTY_ENV] = "1"  # stage output goes to Prefect's logs: stages draw bars on the terminal
     from flows.retrain import retrain
 
-    try:
-        summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
-    except LmlineError as exc:
-        fail(str(exc))
+    summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
     print_summary(summary)
 
 
@@ -221,10 +239,7 @@ def evaluate_text(
     from lmline import tracking
     from tasks import evaluate
 
-    try:
-        result = evaluate.evaluate_text(tracking.resolve_model_uri(model), file, batch_size)
-    except LmlineError as exc:
-        fail(str(exc))
+    result = evaluate.evaluate_text(tracking.resolve_model_uri(model), file, batch_size)
     typer.echo(json.dumps({**result, "model": model}, indent=2, sort_keys=True))
 
 
@@ -275,12 +290,7 @@ def promote(
 
     from flows import promotion
 
-    try:
-        result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)
-    except LmlineError as exc:
-        fail(str(exc))
-    except Exception as exc:  # MLflow's own errors: unknown model or version
-        fail(f"{name} v{version}: {str(exc).splitlines()[0]}")
+    result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
     typer.echo(json.dumps(result))
 
 
@@ -291,10 +301,7 @@ def rollback(name: Annotated[str, typer.Argument(help="registered model name")])
 
     from flows import promotion
 
-    try:
-        result = promotion.rollback(name, who=getpass.getuser())
-    except LmlineError as exc:
-        fail(str(exc))
+    result = promotion.rollback(name, who=getpass.getuser())
     typer.echo(json.dumps(result))
 
 
@@ -307,19 +314,47 @@ def generate(
     seed: Annotated[Optional[int], typer.Option()] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate)."""
+    """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate).
+    Always samples: --temperature must be above 0 (as evaluate.temperature); a small one is near-greedy."""
     from lmline import tracking
     from tasks import evaluate
 
     cfg = load_params(params, None)
-    try:
-        lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
-    except LmlineError as exc:
-        fail(str(exc))
+    check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
+    lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
     typer.echo(text)
+
+
+def check_sampling_options(max_new_tokens: int | None, temperature: float | None, seed: int | None) -> None:
+    """The options' limits, said in one line (typer's own range errors are a multi-line box)."""
+    import math
+
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LmlineError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise LmlineError(f"--temperature must be above 0 (got {temperature}); a small one, e.g. 0.05, is near-greedy")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise LmlineError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
+
+
+def load_classifier(path: Path):
+    """A sequence classifier with its trained head, and its tokenizer. Refuses a causal LM (or any model
+    whose saved weights lack the head): transformers would add a random head and answer at random."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.finetune import require_model
+
+    require_model(path)
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise LmlineError(f"{path}: not a fine-tuned classifier (architectures: {architectures})")
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"]:
+        raise LmlineError(f"{path}: the classifier's weights lack {', '.join(sorted(info['missing_keys']))}")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 @app.command()
@@ -330,18 +365,12 @@ def classify(
 ) -> None:
     """Classify TEXT with the fine-tuned classifier; prints the label and class probabilities."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmline import tracking
     from tasks import finetune
 
     cfg = load_params(params, None)
-    try:
-        local = tracking.resolve_model_uri(model or default_model(cfg, "task"))
-    except LmlineError as exc:
-        fail(str(exc))
-    tok = AutoTokenizer.from_pretrained(local)
-    clf = AutoModelForSequenceClassification.from_pretrained(local).eval()
+    clf, tok = load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
     max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
     ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
@@ -356,10 +385,7 @@ def lineage(model_uri: Annotated[str, typer.Argument(help="models:/name/version 
     """What produced a model version: git commit, DVC hashes, params, Prefect flow run, MLflow runs."""
     from lmline import tracking
 
-    try:
-        info = tracking.lineage(model_uri)
-    except LmlineError as exc:
-        fail(str(exc))
+    info = tracking.lineage(model_uri)
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
@@ -510,10 +536,7 @@ def deploy(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     from flows import deploy as deployment
 
     cfg = load_params(params, set_)
-    try:
-        typer.echo(json.dumps(deployment.deploy(cfg, Path.cwd()), indent=2))
-    except LmlineError as exc:
-        fail(str(exc))
+    typer.echo(json.dumps(deployment.deploy(cfg, Path.cwd()), indent=2))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Add data to a source: DVC-tracked, announced to Prefect.")
@@ -531,14 +554,11 @@ def data_add(
     from lmline import data
 
     cfg = load_params(params, None)
-    try:
-        result = data.add(cfg, Path.cwd(), path, source)
-    except LmlineError as exc:
-        fail(str(exc))
+    result = data.add(cfg, Path.cwd(), path, source)
     typer.echo(json.dumps(result, indent=2))
     if not result["event"]:
         typer.echo("note: PREFECT_API_URL is not set, so no lmline.data.updated event was sent", err=True)
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -107,7 +107,7 @@ class TextFilesSource(_SourceBase):
     type: Literal["text_files"]  # text files matched by `path`
     path: str  # a glob, relative to the workspace (`**` recurses)
     # split each file into documents on this string (e.g. "\n\n\n"); None = one document per file
-    separator: Annotated[str, Field(min_length=1)] | None = None  # split files into documents on this; null = one per file
+    separator: Annotated[str, Field(min_length=1)] | None = None  # split files into documents on this, after CRLF/CR -> LF; null = one per file
 
 
 class _TableSource(_SourceBase):

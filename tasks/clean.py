@@ -12,6 +12,8 @@ its LocalPipelineExecutor with one task per core, each task on one shard of the 
   run 6      N tasks       MinhashDedupFilter -> final/
   assemble   this process  split each document by a hash of its text; write <role>/{train,val,test}.parquet
 
+A source that loses every document fails the stage, naming the rules that dropped them.
+
 Every step that drops documents has a datatrove exclusion writer (removed/<rule>/<source>/<rank>.jsonl):
 that is how drops are counted per source and rule, independently of the documents kept. Where profiling
 found datatrove slow, tasks/clean_fast.py swaps in equivalent code (checked against datatrove's in tests).
@@ -466,6 +468,18 @@ def source_metrics(cfg: CleanConfig, tally: dict, docs: list[dict], drops: Count
     return per
 
 
+def check_every_source_kept_some(per_source: dict) -> None:
+    """A source the rules emptied fails here, naming the rules and their counts: else the stage
+    succeeds and the pipeline breaks later, in tokenize or pretrain, far from the cause."""
+    emptied = []
+    for source, m in per_source.items():
+        if m["docs_out"] == 0:
+            rules = ", ".join(f"{rule} {n}" for rule, n in m["drops"].items() if n) or "no rule counted a drop"
+            emptied.append(f"source {source!r} lost all {m['docs_in']} documents ({rules})")
+    if emptied:
+        raise LmlineError(f"clean: {'; '.join(emptied)}: loosen clean.filters (or clean.min_chars) or check the data")
+
+
 def write_drops_csv(path: Path, per_source: dict) -> None:
     """One row per source and rule; `bar` ("news/gopher_quality") names the bar in dvc.yaml's plot."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -487,6 +501,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         tally = write_shards(files, cfg, work / "shards", workers)
         docs = read_jsonl_folder(clean_documents(cfg, seed, sorted(tally), work, workers))
         per_source = source_metrics(cfg, tally, docs, count_removed(work))
+        check_every_source_kept_some(per_source)
         splits = write_splits(docs, clean_dir, {t["role"] for t in tally.values()}, seed, cfg)
     write_drops_csv(outputs["drops"], per_source)
     seconds = time.perf_counter() - started

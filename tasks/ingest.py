@@ -5,6 +5,12 @@ relies on exactly these keys. Ingest is faithful, not selective: it keeps every 
 has (empty ones too; `clean` filters and counts its drops), in file order, so the same inputs give
 the same bytes. Bytes that are not UTF-8 are decoded with U+FFFD and counted as decode_errors.
 
+What is not text is not ingested (rule `binary`, see binary_reason): a file with a NUL byte, or with
+more than BINARY_SHARE of its bytes not UTF-8 (an executable, an image, a zip copied into corpus/).
+A text_files source drops such a file and counts it (binary_files in metrics/ingest.json); a
+one-file source (jsonl, csv) fails naming it. Text fields must be strings: a JSON number or boolean
+is a data error, not the text "12" or "True".
+
 The raw dir is rebuilt whole in a temp dir and swapped in at the end: a bad source leaves the old
 dir (or none), never a mix.
 """
@@ -16,6 +22,7 @@ import glob
 import io
 import itertools
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +34,7 @@ from lmline.io import atomic_path, write_jsonl
 
 # Documents can be long (a CSV of whole books); the csv module's default cap is 128 KiB per field.
 csv.field_size_limit(2**31 - 1)
+log = logging.getLogger("lmline.ingest")
 
 
 class Doc(NamedTuple):
@@ -37,6 +45,13 @@ class Doc(NamedTuple):
 
 
 # ---------------------------------------------------------------- decoding and reading files
+# Above this share of bytes that are not UTF-8 a file is not text. Random or compressed bytes (zip,
+# gzip, PNG) measure ~40% and executables 20-30% (and contain NULs); Latin-1 text in a Western European
+# language ~1-8% (decoded with U+FFFD and counted as decode_errors). A single-byte Cyrillic or Greek
+# encoding is ~80% and is refused too: its U+FFFD soup would not be text either.
+BINARY_SHARE = 0.30
+
+
 def decode(raw: bytes) -> tuple[str, int]:
     """UTF-8 (a leading BOM dropped) with U+FFFD for bad bytes; also how many U+FFFD that introduced.
     A U+FFFD already in the file is data, not a decode error, so it is subtracted."""
@@ -44,17 +59,40 @@ def decode(raw: bytes) -> tuple[str, int]:
     return text, text.count("\ufffd") - raw.count("\ufffd".encode())
 
 
-def read_file(path: Path, where: str) -> tuple[str, int]:
+def binary_reason(raw: bytes, decode_errors: int) -> str | None:
+    """Why these bytes are not text (rule `binary`), or None: UTF-8 text never holds a NUL byte."""
+    if b"\0" in raw:
+        return f"a NUL byte at offset {raw.index(0)}"
+    if raw and decode_errors > BINARY_SHARE * len(raw):
+        return f"{decode_errors / len(raw):.0%} of its bytes are not UTF-8 (more than {BINARY_SHARE:.0%})"
+    return None
+
+
+def read_bytes(path: Path, where: str) -> bytes:
     if not path.exists():
         raise LmlineError(f"{where}: {path} does not exist")
     try:
-        return decode(path.read_bytes())
+        return path.read_bytes()
     except OSError as exc:
         raise LmlineError(f"{where}: cannot read {path} ({exc.strerror or exc})") from None
 
 
-def read_csv_rows(path: Path, where: str, columns: list[str]) -> tuple[list[tuple[int, dict]], int]:
-    """Rows of a CSV with a header, each with the line it starts on; `columns` must be in the header."""
+def read_file(path: Path, where: str) -> tuple[str, int]:
+    """A file that must be text (one file holds the whole source): binary bytes are an error."""
+    raw = read_bytes(path, where)
+    text, decode_errors = decode(raw)
+    reason = binary_reason(raw, decode_errors)
+    if reason:
+        raise LmlineError(f"{where}: {path} is not a text file ({reason})")
+    return text, decode_errors
+
+
+def read_csv_rows(
+    path: Path, where: str, columns: list[str], extra_fields_ok: bool = False
+) -> tuple[list[tuple[int, dict]], int]:
+    """Rows of a CSV with a header, each with the line it starts on; `columns` must be in the header.
+    A row with more fields than the header is an error (its values may have shifted) unless
+    `extra_fields_ok` (the pinned sample corpora, read as they always were)."""
     text, decode_errors = read_file(path, where)
     # newline="": rows split on \n, \r or \r\n only, and line breaks inside quoted fields are kept.
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -65,6 +103,11 @@ def read_csv_rows(path: Path, where: str, columns: list[str]) -> tuple[list[tupl
             if col not in header:
                 raise LmlineError(f"{where}: {path} has no column {col!r} (columns: {', '.join(header) or 'none'})")
         for row in reader:
+            # DictReader files the fields beyond the header's under None: a shifted or broken row
+            if None in row and not extra_fields_ok:
+                raise LmlineError(
+                    f"{where}: {path} line {line}: {len(header) + len(row[None])} fields, the header has {len(header)}"
+                )
             rows.append((line, row))
             line = reader.line_num + 1
     except csv.Error as exc:
@@ -73,13 +116,23 @@ def read_csv_rows(path: Path, where: str, columns: list[str]) -> tuple[list[tupl
 
 
 def field(record: dict, name: str, at: str) -> str:
-    """A text or label value: must be there; labels may be numbers or booleans (kept as their string)."""
+    """A label value: must be there; labels may be numbers or booleans (kept as their string)."""
     value = record.get(name)
     if value is None:
         raise LmlineError(f"{at}: no value for {name!r}")
     if isinstance(value, (dict, list)):
         raise LmlineError(f"{at}: {name!r} must be a string (got {type(value).__name__})")
     return value if isinstance(value, str) else str(value)
+
+
+def text_field(record: dict, name: str, at: str) -> str:
+    """A text value: a string, nothing else (a number or boolean is a data error, not the text "12")."""
+    value = record.get(name)
+    if value is None:
+        raise LmlineError(f"{at}: no value for {name!r}")
+    if not isinstance(value, str):
+        raise LmlineError(f"{at}: {name!r} must be a string (got {type(value).__name__} {value!r:.40})")
+    return value
 
 
 # ---------------------------------------------------------------- user sources
@@ -89,28 +142,41 @@ def glob_base(pattern: str) -> Path:
     return Path(*itertools.takewhile(lambda part: not any(c in part for c in "*?["), dirs))
 
 
-def text_files_docs(source: TextFilesSource, where: str) -> tuple[list[Doc], int]:
+def normalise_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def text_files_docs(source: TextFilesSource, where: str) -> tuple[list[Doc], Counter]:
     files = sorted(Path(p) for p in glob.glob(source.path, recursive=True) if Path(p).is_file())
     if not files:
         raise LmlineError(f"{where}: no files match {source.path!r}")
     base = glob_base(source.path)
-    docs, decode_errors = [], 0
+    docs, counts = [], Counter()
     for path in files:
-        text, errors = read_file(path, where)
-        decode_errors += errors
+        raw = read_bytes(path, where)
+        text, errors = decode(raw)
         rel = path.relative_to(base).as_posix()
+        reason = binary_reason(raw, errors)
+        if reason:  # one stray binary in a folder of texts: dropped and counted, the rest goes on
+            counts["binary_files"] += 1
+            log.warning("%s: dropped %s by rule binary (%s)", where, path, reason)
+            continue
+        counts["decode_errors"] += errors
         if source.separator is None:
             docs.append(Doc(rel, text, None, {"file": rel}))
         else:
-            # Pieces are trimmed and empty ones dropped: separators at the ends or doubled are not documents.
-            pieces = [p.strip() for p in text.split(source.separator) if p.strip()]
+            # CRLF and CR line ends are LF before splitting: a separator such as "\n\n\n" written in
+            # params.yaml then splits a Windows file too. Pieces are trimmed and empty ones dropped:
+            # separators at the ends or doubled are not documents.
+            separator = normalise_newlines(source.separator)
+            pieces = [p.strip() for p in normalise_newlines(text).split(separator) if p.strip()]
             docs += [Doc(f"{rel}:{i}", p, None, {"file": rel, "part": i}) for i, p in enumerate(pieces)]
         if source.max_docs and len(docs) >= source.max_docs:
             break
-    return docs, decode_errors
+    return docs, counts
 
 
-def jsonl_docs(source: JsonlSource, where: str) -> tuple[list[Doc], int]:
+def jsonl_docs(source: JsonlSource, where: str) -> tuple[list[Doc], Counter]:
     path = Path(source.path)
     text, decode_errors = read_file(path, where)
     docs = []
@@ -126,11 +192,11 @@ def jsonl_docs(source: JsonlSource, where: str) -> tuple[list[Doc], int]:
         if not isinstance(record, dict):
             raise LmlineError(f"{at}: expected a JSON object, got {type(record).__name__}")
         label = field(record, source.label_field, at) if source.label_field else None
-        docs.append(Doc(str(len(docs)), field(record, source.text_field, at), label, {"line": lineno}))
-    return docs, decode_errors
+        docs.append(Doc(str(len(docs)), text_field(record, source.text_field, at), label, {"line": lineno}))
+    return docs, Counter(decode_errors=decode_errors)
 
 
-def csv_docs(source: CsvSource, where: str) -> tuple[list[Doc], int]:
+def csv_docs(source: CsvSource, where: str) -> tuple[list[Doc], Counter]:
     path = Path(source.path)
     columns = [source.text_field] + ([source.label_field] if source.label_field else [])
     rows, decode_errors = read_csv_rows(path, where, columns)
@@ -138,11 +204,11 @@ def csv_docs(source: CsvSource, where: str) -> tuple[list[Doc], int]:
     for n, (line, row) in enumerate(rows):
         at = f"{where}: {path} line {line}"
         label = field(row, source.label_field, at) if source.label_field else None
-        docs.append(Doc(str(n), field(row, source.text_field, at), label, {"line": line}))
-    return docs, decode_errors
+        docs.append(Doc(str(n), text_field(row, source.text_field, at), label, {"line": line}))
+    return docs, Counter(decode_errors=decode_errors)
 
 
-def parquet_docs(source: ParquetSource, where: str) -> tuple[list[Doc], int]:
+def parquet_docs(source: ParquetSource, where: str) -> tuple[list[Doc], Counter]:
     import pyarrow.parquet as pq
 
     path = Path(source.path)
@@ -161,15 +227,19 @@ def parquet_docs(source: ParquetSource, where: str) -> tuple[list[Doc], int]:
     for n, row in enumerate(table):
         at = f"{where}: {path} row {n}"
         if isinstance(row[source.text_field], bytes):  # a binary column: decode it like a file
-            row[source.text_field], errors = decode(row[source.text_field])
+            raw = row[source.text_field]
+            row[source.text_field], errors = decode(raw)
+            reason = binary_reason(raw, errors)
+            if reason:
+                raise LmlineError(f"{at}: {source.text_field!r} is not text ({reason})")
             decode_errors += errors
         label = field(row, source.label_field, at) if source.label_field else None
-        docs.append(Doc(str(n), field(row, source.text_field, at), label, {"row": n}))
-    return docs, decode_errors
+        docs.append(Doc(str(n), text_field(row, source.text_field, at), label, {"row": n}))
+    return docs, Counter(decode_errors=decode_errors)
 
 
 # ---------------------------------------------------------------- built-in samples
-def shakespeare_docs(data: Path, where: str) -> tuple[list[Doc], int]:
+def shakespeare_docs(data: Path, where: str) -> tuple[list[Doc], Counter]:
     """One document per work, verbatim. These *_gut.txt files carry no Project Gutenberg header or
     licence (the package stripped them), so there is nothing to cut; titles come from metadata.txt."""
     meta = configparser.ConfigParser(interpolation=None)
@@ -180,30 +250,30 @@ def shakespeare_docs(data: Path, where: str) -> tuple[list[Doc], int]:
         decode_errors += errors
         title = meta.get(path.stem, "title", fallback=path.stem)
         docs.append(Doc(path.name, text, None, {"file": path.name, "title": title}))
-    return docs, decode_errors
+    return docs, Counter(decode_errors=decode_errors)
 
 
-def news_docs(data: Path, where: str) -> tuple[list[Doc], int]:
+def news_docs(data: Path, where: str) -> tuple[list[Doc], Counter]:
     """Title and body per article (3,824). A few articles have no body, one has neither: kept, clean decides."""
-    rows, decode_errors = read_csv_rows(data / "NewsArticles.csv", where, ["article_id", "title", "text"])
+    rows, decode_errors = read_csv_rows(data / "NewsArticles.csv", where, ["article_id", "title", "text"], True)
     docs = []
     for _, row in rows:
         text = "\n\n".join(part.strip() for part in (row["title"], row["text"]) if part.strip())
         meta = {"title": row["title"].strip(), "date": row["publish_date"].strip(), "url": row["article_source_link"]}
         docs.append(Doc(row["article_id"], text, None, meta))
-    return docs, decode_errors
+    return docs, Counter(decode_errors=decode_errors)
 
 
-def rotten_tomatoes_docs(data: Path, where: str) -> tuple[list[Doc], int]:
+def rotten_tomatoes_docs(data: Path, where: str) -> tuple[list[Doc], Counter]:
     """Review snippets labelled fresh/rotten; the corpus's `plot` rows are movie synopses, not reviews."""
     path = data / "rotten_tomatoes_corpus_full.csv"
-    rows, decode_errors = read_csv_rows(path, where, ["category", "text", "movie_name"])
+    rows, decode_errors = read_csv_rows(path, where, ["category", "text", "movie_name"], True)
     docs = [
         Doc(str(n), row["text"], row["category"], {"movie": row["movie_name"]})
         for n, (_, row) in enumerate(rows)
         if row["category"] in ("fresh", "rotten")
     ]
-    return docs, decode_errors
+    return docs, Counter(decode_errors=decode_errors)
 
 
 READERS = {"text_files": text_files_docs, "jsonl": jsonl_docs, "csv": csv_docs, "parquet": parquet_docs}
@@ -211,16 +281,18 @@ SAMPLE_READERS = {"shakespeare": shakespeare_docs, "news": news_docs, "rotten_to
 
 
 # ---------------------------------------------------------------- one source -> records, metrics
-def read_source(source: Source) -> tuple[list[Doc], int]:
-    """All documents of one source (the first max_docs), and the decode errors met reading them."""
+def read_source(source: Source) -> tuple[list[Doc], Counter]:
+    """All documents of one source (the first max_docs), and what reading them counted:
+    decode_errors, binary_files."""
     where = f"source {source.name!r}"
     if isinstance(source, SampleSource):
-        docs, decode_errors = SAMPLE_READERS[source.corpus_name](samples.fetch(source.corpus_name), where)
+        docs, counts = SAMPLE_READERS[source.corpus_name](samples.fetch(source.corpus_name), where)
     else:
-        docs, decode_errors = READERS[source.type](source, where)
+        docs, counts = READERS[source.type](source, where)
     if not docs:
-        raise LmlineError(f"{where}: no documents in {getattr(source, 'path', source.name)!r}")
-    return docs[: source.max_docs], decode_errors
+        binary = f" ({counts['binary_files']} files dropped by rule binary)" if counts["binary_files"] else ""
+        raise LmlineError(f"{where}: no documents in {getattr(source, 'path', source.name)!r}{binary}")
+    return docs[: source.max_docs], counts
 
 
 def to_record(source: Source, doc: Doc) -> dict:
@@ -231,12 +303,13 @@ def to_record(source: Source, doc: Doc) -> dict:
     return record
 
 
-def source_metrics(records: list[dict], decode_errors: int) -> dict:
+def source_metrics(records: list[dict], counts: Counter) -> dict:
     metrics = {
         "documents": len(records),
         "bytes": sum(len(r["text"].encode("utf-8")) for r in records),
         "empty": sum(1 for r in records if not r["text"].strip()),
-        "decode_errors": decode_errors,
+        "decode_errors": counts["decode_errors"],
+        "binary_files": counts["binary_files"],
     }
     if records and "label" in records[0]:
         metrics["labels"] = dict(sorted(Counter(r["label"] for r in records).items()))
@@ -244,7 +317,8 @@ def source_metrics(records: list[dict], decode_errors: int) -> dict:
 
 
 def totals(per_source: dict[str, dict]) -> dict:
-    return {key: sum(m[key] for m in per_source.values()) for key in ("documents", "bytes", "empty", "decode_errors")}
+    keys = ("documents", "bytes", "empty", "decode_errors", "binary_files")
+    return {key: sum(m[key] for m in per_source.values()) for key in keys}
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
@@ -252,10 +326,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     with atomic_path(outputs["raw"]) as raw:
         raw.mkdir()
         for source in progress.bar(params.ingest.sources, desc="ingest", unit="source"):
-            docs, decode_errors = read_source(source)
+            docs, counts = read_source(source)
             records = [to_record(source, doc) for doc in docs]
             write_jsonl(raw / f"{source.name}.jsonl", records)
-            per_source[source.name] = source_metrics(records, decode_errors)
+            per_source[source.name] = source_metrics(records, counts)
     return {"sources": per_source, "totals": totals(per_source)}
 
 

@@ -25,12 +25,19 @@ release the GIL, so nothing forks and the documents are never copied to workers.
 Rust thread pool off process-wide (TOKENIZERS_PARALLELISM=false, because other stages fork); this
 stage turns it on around its own calls (`rust_threads`). The BPE trains on a seeded sample of the
 train split (`tokenize.train_sample_mb`): with a vocabulary this small, a few MB fix the merges.
+
+Long runs without whitespace (a minified file, a base64 blob, a 1 MB line of letters) are one
+pre-token each, and the BPE trainer's merges are quadratic in a pre-token's length (1 MB: minutes,
+8 MB: hours). So the trainer sees such runs cut every MAX_TRAIN_RUN characters (`training_pieces`);
+a sample without such runs is passed unchanged, so the tokenizer it trains is the same as before.
+Encoding is not cut (its BPE is n log n in the pre-token's length): ids are those of the whole text.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,6 +99,25 @@ def utf8_bytes(texts: pa.Array) -> int:
 
 
 # ---------------------------------------------------------------- training
+# Longest whitespace-free run the BPE trainer sees whole. Natural text (URLs included) stays under
+# it; tokens are far shorter; the trainer's time per merge grows with it.
+MAX_TRAIN_RUN = 256
+# A run longer than that, found in linear time: only a run's first character can start a match.
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}" % (MAX_TRAIN_RUN + 1))
+
+
+def training_pieces(texts: list[str]):
+    """The texts for the trainer: as they are, but a text with a run longer than MAX_TRAIN_RUN is
+    given in pieces cut inside such runs every MAX_TRAIN_RUN characters (joined, they are the text)."""
+    for text in texts:
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + MAX_TRAIN_RUN, run.end(), MAX_TRAIN_RUN):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
+
+
 def training_sample(texts: pa.Array, max_mb: float | None, seed: int) -> list[str]:
     """Whole documents in a seeded random order until about `max_mb` MB (all of them for None)."""
     if max_mb is None:
@@ -131,7 +157,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizeConfig, threads: int = 1) -> 
         show_progress=progress.stream() is sys.stderr,  # the Rust bar draws on stderr only
     )
     with rust_threads(threads > 1):
-        tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+        tokenizer.train_from_iterator(training_pieces(texts), trainer)
     return tokenizer
 
 

@@ -273,7 +273,8 @@ def test_run_cleans_dedups_scrubs_splits_and_accounts_for_every_document(make_pa
     assert sources["reviews"]["drops"] == {"min_chars": 0, "exact_dup": 1, "near_dup": 0}
     assert metrics["duplicates_removed"] == {"exact_dup": 2, "near_dup": 1}
     assert metrics["pii_replaced"]["email"] == 1
-    assert 0 < metrics["mb_per_s"] and metrics["docs_out"] == sum(m["docs_out"] for m in sources.values())
+    assert isinstance(metrics["mb_per_s"], float)  # rounded: 0.0 on a loaded machine, so not compared with 0
+    assert metrics["docs_out"] == sum(m["docs_out"] for m in sources.values())
     json.dumps(metrics)
 
     tables = read_splits(outputs["clean"])
@@ -309,14 +310,25 @@ def test_adding_documents_never_moves_old_ones(make_params, workspace):
     assert set(before.values()) == {"train", "val", "test"}
 
 
-def test_a_source_with_nothing_left_still_gets_its_role_files(make_params, workspace):
-    write_raw(workspace, "news", "pretrain", ["x", "y"])
-    write_raw(workspace, "reviews", "finetune", ["A glorious mess."], labels=["fresh"])
-    metrics, outputs = run_clean(params_with(make_params, {"reviews": {"min_chars": 3}}, workers=2))
-    assert metrics["sources"]["news"]["docs_out"] == 0 and metrics["sources"]["news"]["drops"]["min_chars"] == 2
-    tables = read_splits(outputs["clean"])
-    assert sum(len(tables["pretrain", s]) for s in clean.SPLITS) == 0
-    assert sum(len(tables["finetune", s]) for s in clean.SPLITS) == 1
+def test_a_source_that_loses_every_document_fails_naming_the_rules(make_params, workspace):
+    write_raw(workspace, "news", "pretrain", ["A glorious mess."])
+    params = params_with(make_params, {"news": {"min_chars": 3}}, workers=1)
+    run_clean(params)
+    before = {p: p.read_bytes() for p in (workspace / "data" / "clean").rglob("*") if p.is_file()}
+    drops_before = (workspace / "plots" / "clean_drops.csv").read_bytes()
+    (workspace / "data" / "raw" / "news.jsonl").unlink()
+    write_raw(workspace, "news", "pretrain", ["x", "y", ARTICLE, ARTICLE])  # 2 too short, 1 duplicate, 1 kept
+    write_raw(workspace, "reviews", "finetune", ["tiny", "Too few words to count as a page of text."],
+              labels=["fresh", "rotten"])
+    params = params_with(make_params, {"reviews": {"min_chars": 10, "gopher_quality": {}}}, workers=1)
+    with pytest.raises(LmlineError) as err:
+        run_clean(params)
+    assert str(err.value) == ("clean: source 'reviews' lost all 2 documents (min_chars 1, gopher_quality 1): "
+                              "loosen clean.filters (or clean.min_chars) or check the data")
+    # the previous outputs stay as they were, and no temp dir is left
+    assert {p: p.read_bytes() for p in (workspace / "data" / "clean").rglob("*") if p.is_file()} == before
+    assert (workspace / "plots" / "clean_drops.csv").read_bytes() == drops_before
+    assert not list((workspace / "data").glob(".clean.*"))
 
 
 # ---------------------------------------------------------------- bad input

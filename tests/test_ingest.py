@@ -45,7 +45,8 @@ def test_text_files_one_document_per_file_with_ids_relative_to_the_glob(make_par
         {"id": "books:deep/b.txt", "source": "books", "role": "pretrain", "text": "Second file.\n",
          "meta": {"file": "deep/b.txt"}},
     ]
-    assert metrics["sources"]["books"] == {"documents": 2, "bytes": 25, "empty": 0, "decode_errors": 0}
+    assert metrics["sources"]["books"] == {"documents": 2, "bytes": 25, "empty": 0, "decode_errors": 0,
+                                           "binary_files": 0}
     assert "labels" not in metrics["sources"]["books"]
 
 
@@ -58,6 +59,27 @@ def test_text_files_split_on_a_separator_drop_empty_pieces(make_params):
         ("poems:poems.txt:2", "Sugar is sweet."),
     ]
     assert out["poems"][2]["meta"] == {"file": "poems.txt", "part": 2}
+
+
+def test_separator_applies_after_crlf_and_cr_line_ends_become_lf(make_params):
+    # written on Windows (CRLF) and on old Macs (CR); params.yaml says "\n\n" as everyone writes it
+    write("corpus/win.txt", b"First poem,\r\nline two.\r\n\r\nSecond poem.\r\n\r\nThird.\r\n")
+    write("corpus/mac.txt", b"Fourth.\r\rFifth.\r")
+    _, out = run_ingest(make_params, {"name": "poems", "type": "text_files", "path": "corpus/*.txt", "separator": "\n\n"})
+    assert [r["text"] for r in out["poems"]] == ["Fourth.", "Fifth.", "First poem,\nline two.", "Second poem.", "Third."]
+
+
+def test_a_binary_file_among_texts_is_dropped_by_rule_binary_and_counted(make_params):
+    import shutil
+
+    write("corpus/a.txt", "A real document.\n")
+    shutil.copy("/bin/true", "corpus/true")  # an executable copied into corpus/ by mistake
+    write("corpus/latin1.txt", b"caf\xe9 cr\xe8me br\xfbl\xe9e, na\xefve")  # not UTF-8, still text: kept
+    write("corpus/noise.bin", bytes(range(128, 256)) * 4)  # no NUL, but 100% not UTF-8
+    metrics, out = run_ingest(make_params, {"name": "docs", "type": "text_files", "path": "corpus/*"})
+    assert [r["id"] for r in out["docs"]] == ["docs:a.txt", "docs:latin1.txt"]
+    assert metrics["sources"]["docs"]["binary_files"] == 2 and metrics["totals"]["binary_files"] == 2
+    assert metrics["sources"]["docs"]["decode_errors"] == 5  # the Latin-1 file's, not the binaries'
 
 
 def test_jsonl_keeps_labels_as_strings_and_records_the_line(make_params):
@@ -98,7 +120,7 @@ def test_parquet_text_and_label(make_params):
                                                                       ("pq:2", "", "1")]
     # ingest keeps empty documents (clean drops them with a count) but says how many there are
     assert metrics["sources"]["pq"] | {"labels": None} == {"documents": 3, "bytes": 9, "empty": 1,
-                                                           "decode_errors": 0, "labels": None}
+                                                           "decode_errors": 0, "binary_files": 0, "labels": None}
 
 
 def test_bad_bytes_are_replaced_and_counted_but_a_real_replacement_char_is_not(make_params):
@@ -119,7 +141,7 @@ def test_max_docs_keeps_the_first_n_and_totals_add_up(make_params):
         {"name": "one", "type": "text_files", "path": "corpus/one.txt"},
     )
     assert [r["text"] for r in out["many"]] == ["doc 0", "doc 1", "doc 2"]
-    assert metrics["totals"] == {"documents": 4, "bytes": 15 + 4, "empty": 0, "decode_errors": 0}
+    assert metrics["totals"] == {"documents": 4, "bytes": 15 + 4, "empty": 0, "decode_errors": 0, "binary_files": 0}
 
 
 def test_same_inputs_give_the_same_bytes_and_a_rerun_replaces_the_raw_dir(make_params):
@@ -160,6 +182,17 @@ BAD_INPUTS = [
      r"^source 'bad': no documents in 'corpus/empty\.jsonl'$"),
     ("only separators", {"type": "text_files", "path": "corpus/s.txt", "separator": "---"}, {"corpus/s.txt": "---\n---\n"},
      r"^source 'bad': no documents in 'corpus/s\.txt'$"),
+    ("jsonl text is a number", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "ok"}\n{"text": 12}\n'},
+     r"^source 'bad': corpus/d\.jsonl line 2: 'text' must be a string \(got int 12\)$"),
+    ("jsonl text is a boolean", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": true}\n'},
+     r"^source 'bad': corpus/d\.jsonl line 1: 'text' must be a string \(got bool True\)$"),
+    ("csv row with extra fields", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
+     {"corpus/t.csv": "text,label\nfine,pos\n\"unquoted, comma\",neg\nshifted, comma,neg\n"},
+     r"^source 'bad': corpus/t\.csv line 4: 3 fields, the header has 2$"),
+    ("binary jsonl file", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": b'{"text": "ok"}\n\x7fELF\x02\x01\x00\x00'},
+     r"^source 'bad': corpus/d\.jsonl is not a text file \(a NUL byte at offset 21\)$"),
+    ("only binary files", {"type": "text_files", "path": "corpus/bin/*"}, {"corpus/bin/a.out": b"\x7fELF\x00\x01", "corpus/bin/b": b"\x00"},
+     r"^source 'bad': no documents in 'corpus/bin/\*' \(2 files dropped by rule binary\)$"),
 ]
 
 
@@ -202,6 +235,19 @@ def test_cli_stage_fails_with_one_line_and_exit_1_leaving_nothing(make_params):
     assert result.stderr.strip().splitlines()[-1] == "error: source 'gone': corpus/gone.csv does not exist"
     assert not Path("data").exists() or list(Path("data").iterdir()) == []  # no raw dir, no temp dir
     assert not Path("metrics/ingest.json").exists()
+
+
+def test_cli_stage_shows_the_binary_drop_count_in_its_output_and_metrics(make_params):
+    import shutil
+
+    write("corpus/a.txt", "A real document.\n")
+    shutil.copy("/bin/true", "corpus/true")
+    _, params_path = make_params({"ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "corpus/*"}]}})
+    result = CliRunner().invoke(app, ["stage", "ingest", "--params", str(params_path)])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)["ingest"]
+    assert shown["sources"]["docs"]["binary_files"] == 1 and shown["sources"]["docs"]["documents"] == 1
+    assert json.loads(Path("metrics/ingest.json").read_text())["totals"]["binary_files"] == 1
 
 
 def test_cli_sources_lists_sizes_and_unfetched_samples(make_params, tmp_path, monkeypatch):

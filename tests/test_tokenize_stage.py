@@ -141,6 +141,34 @@ def test_training_sample_is_seeded_and_bounded():
     assert len(tokenize.training_sample(texts, max_mb=100, seed=3)) == 200
 
 
+def test_training_pieces_pass_normal_text_whole_and_cut_only_long_runs():
+    normal = TRICKY + corpus(5, seed=4) + [INDENTED, "https://example.org/" + "a/b?c=d&" * 20]
+    assert list(tokenize.training_pieces(normal)) == normal  # so the same tokenizer as before
+    run = tokenize.MAX_TRAIN_RUN
+    long = "start " + "x" * (2 * run + 5) + " middle\n" + "é" * (run + 1) + " end"
+    pieces = list(tokenize.training_pieces([long, "next"]))
+    assert "".join(pieces[:-1]) == long and pieces[-1] == "next"
+    assert max(len(w) for p in pieces for w in p.split()) <= run
+    assert len(pieces) == 5  # two cuts in the x run, one in the é run
+
+
+@pytest.mark.timeout(60)  # the old trainer took minutes on 1 MB (quadratic in a pre-token's length)
+def test_multi_megabyte_single_lines_tokenize_in_linear_time_and_round_trip(params, workspace):
+    rng = random.Random(3)
+    letters = "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", k=2_000_000))
+    spaced = " ".join(rng.choices(WORDS, k=400_000))  # ~2 MB, one line
+    train = corpus(30, seed=1) + [letters, spaced]
+    write_clean(workspace, {"train": train, "val": corpus(3, seed=2), "test": [letters[:1000]]})
+    _, outputs = run_stage(params())
+    meta = read_json(outputs["tokens"] / "meta.json")
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(outputs["tokenizer"] / "tokenizer.json"))
+    docs = unpack(outputs["tokens"] / "train.bin", meta)
+    assert [saved.decode(d) for d in docs[-2:]] == [letters, spaced]
+    assert saved.decode(docs[0]) == train[0]
+
+
 # ---------------------------------------------------------------- packing
 def test_packed_ids_equal_encoding_each_document_whole():
     tokenizer, _ = trained()
@@ -187,7 +215,8 @@ def test_run_packs_every_split_with_eos_after_each_document(params, workspace):
         assert meta["bytes_per_token"][split] == pytest.approx(stats["bytes"] / stats["tokens"], rel=1e-5)
         assert metrics["splits"][split]["tokens"] == stats["tokens"]
     assert sorted(p.name for p in outputs["tokens"].iterdir()) == ["meta.json", "test.bin", "train.bin", "val.bin"]
-    assert metrics["encode_mb_per_s"] > 0 and metrics["total_mb_per_s"] > 0
+    # speeds are rounded to 2 decimals: a loaded machine makes them 0.0, so no comparison with zero
+    assert all(isinstance(metrics[k], float) for k in ("encode_mb_per_s", "total_mb_per_s"))
     assert metrics["tokenizer_train_seconds"] >= 0
 
 
