@@ -63,15 +63,16 @@ def decide(candidate: Scores, champion: Scores | None, cfg: PromoteConfig) -> De
         raise ValueError("decide() needs the resolved metric: PromoteConfig.resolved(task)")
     if candidate.metric is None:
         return Decision(False, f"not compared: the candidate has no {cfg.metric} score")
+    if candidate.bits_per_byte is None:
+        return Decision(False, "guard not checked: the candidate has no base bits/byte")
     if champion is None:
         return Decision(True, "first model: there was no champion")
     if candidate.test_split != champion.test_split:
         raise ValueError("candidate and champion were scored on different test splits: re-score the champion first")
     if champion.metric is None:
         return Decision(False, f"not compared: the champion has no {cfg.metric} score")
-    for side, scores in (("candidate", candidate), ("champion", champion)):
-        if scores.bits_per_byte is None:
-            return Decision(False, f"guard not checked: the {side} has no base bits/byte")
+    if champion.bits_per_byte is None:
+        return Decision(False, "guard not checked: the champion has no base bits/byte")
     worse_by = candidate.bits_per_byte - champion.bits_per_byte
     if worse_by > cfg.max_bpb_regression:
         return Decision(
@@ -133,7 +134,8 @@ def promote(
     before = tracking.alias_version(name, "champion")
     champion_version = int(before.version) if before else None
     result = {"model": name, "candidate": version, "champion_before": champion_version,
-              "champion_after": champion_version, "promoted": False, "candidate_metric": candidate.metric}
+              "champion_after": champion_version, "promoted": False, "challenger": False,
+              "candidate_metric": candidate.metric}
     if champion_version == version:
         return {**result, "reason": "candidate is already the champion", "champion_metric": candidate.metric}
     champion = None
@@ -176,6 +178,7 @@ def promote(
         **result,
         "champion_after": version if decision.promote else champion_version,
         "promoted": decision.promote,
+        "challenger": bool(moves) and not decision.promote,
         "reason": decision.reason,
         "champion_metric": None if champion is None else champion.metric,
     }

@@ -176,8 +176,9 @@ def print_summary(summary: dict) -> None:
 
     typer.echo("")
     if "model" in p:
-        verdict = ("promoted to @champion" if p["promoted"] else "kept as @challenger"
-                   if p["champion_after"] != p["candidate"] else "already @champion")
+        verdict = ("promoted to @champion" if p["promoted"] else "already @champion"
+                   if p["champion_after"] == p["candidate"] else "kept as @challenger" if p.get("challenger")
+                   else "not promoted")
         typer.echo(f"registry: {p['model']} v{p['candidate']} {verdict} ({p['reason']})")
     elif p:
         typer.echo(f"registry: {p.get('reason')}")

@@ -315,8 +315,8 @@ def plot_figures(stage: str, outputs: dict) -> dict:
         ax.set_title("cleaning: documents dropped per source and rule")
         figures[Path(drops).stem] = fig
     confusion = outputs.get("confusion")
-    if confusion and Path(confusion).exists():
-        rows = _read_csv(Path(confusion))
+    rows = _read_csv(Path(confusion)) if confusion and Path(confusion).exists() else []
+    if rows:  # causal-lm's evaluate writes the header only: no classes, no matrix
         labels = sorted({r["actual"] for r in rows} | {r["predicted"] for r in rows})
         counts = [[sum(1 for r in rows if r["actual"] == a and r["predicted"] == p) for p in labels] for a in labels]
         fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))

@@ -119,6 +119,7 @@ def test_manual_promote_and_rollback(registry):
         (Scores(None, 2.0, "s"), None, "the candidate has no macro_f1"),  # not even a first model without a score
         (Scores(0.9, 2.0, "s"), Scores(None, 2.0, "s"), "the champion has no macro_f1"),
         (Scores(0.9, None, "s"), Scores(0.7, 2.0, "s"), "the candidate has no base bits/byte"),
+        (Scores(0.9, None, "s"), None, "the candidate has no base bits/byte"),
         (Scores(0.9, 2.0, "s"), Scores(0.7, None, "s"), "the champion has no base bits/byte"),
     ],
 )
