@@ -192,6 +192,31 @@ def test_rollback_then_a_no_op_run_keeps_the_champion_where_the_person_put_it(pi
     assert tracking.version_tags(MODEL, strong)["lmline.decision.reason"] == promotion["reason"]
 
 
+def test_a_manual_promote_waits_for_the_promotion_slot(pipeline):
+    """`lmline promote` takes the slot the automatic gate takes: while it is held (here by this test,
+    through the same helper the gate uses), the person's promote waits and no alias moves."""
+    import threading
+
+    from flows.promotion import promotion_slot
+
+    before, target = champion(), 1  # v1: the first run's model
+    assert before != target
+    exit_codes, done = [], threading.Event()
+
+    def promote_by_hand():
+        exit_codes.append(CliRunner().invoke(app, ["promote", MODEL, str(target), "--why", "slot test"]).exit_code)
+        done.set()
+
+    with promotion_slot():
+        worker = threading.Thread(target=promote_by_hand)
+        worker.start()
+        finished_while_held = done.wait(timeout=3)  # ample for an unguarded promote (well under a second)
+        champion_while_held = champion()
+    worker.join(timeout=120)
+    assert not finished_while_held and champion_while_held == before
+    assert exit_codes == [0] and champion() == target
+
+
 def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, capsys):
     """finetune.task: causal-lm end to end: gate metric bits_per_byte (promote.metric auto), summary, card."""
     causal = "tiny-causal-lm"
