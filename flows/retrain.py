@@ -102,8 +102,8 @@ def key_metrics(result: StageResult) -> str:
         "clean": ["docs_out", "mb_per_s"],
         "tokenize": ["vocab_size", "splits.train.bytes_per_token"],
         "pretrain": ["val_bits_per_byte", "tokens_per_second"],
-        "finetune": ["val_accuracy", "val_macro_f1"],
-        "evaluate": ["task.accuracy", "task.macro_f1", "lm.test_bits_per_byte"],
+        "finetune": ["val_accuracy", "val_macro_f1", "val_perplexity"],
+        "evaluate": ["task.accuracy", "task.macro_f1", "task.test_bits_per_byte", "lm.test_bits_per_byte"],
     }[result.stage]
     flat = tracking.numeric(result.metrics)
     shown = []
@@ -186,11 +186,8 @@ def retrain(
 
 def promote_candidate(params: config.Params, root: Path, results: dict[str, StageResult], flow_run_id: str) -> dict:
     """Promote the fine-tuned version this pipeline produced (or restored), serialised everywhere."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
     from flows import promotion
-    from flows.scoring import candidate_scores, rescore_version
+    from flows.scoring import candidate_scores, gate_config, rescore_version
 
     finetune = results.get("finetune")
     if finetune is None or not finetune.metrics.get("mlflow_run_id"):
@@ -200,11 +197,9 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
     if not name or not version:
         return {"promoted": False, "reason": "the fine-tune run registered no model version"}
     scores = candidate_scores(params, root, results["evaluate"].metrics)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(promotion.PROMOTE_LIMIT, 1)
-    with concurrency(promotion.PROMOTE_LIMIT, occupy=1, strict=True):
+    with promotion.promotion_slot():
         result = promotion.promote(
-            name, int(version), scores, params.promote, lambda v: rescore_version(params, root, name, v), flow_run_id
+            name, int(version), scores, gate_config(params), lambda v: rescore_version(params, root, name, v), flow_run_id
         )
     # The comparison with the previous champion is known only now: rewrite the card with it.
     card = tracking.publish_model_card(params, root, name, version, upto="evaluate")

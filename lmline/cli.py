@@ -181,13 +181,22 @@ def print_summary(summary: dict) -> None:
                                ("baseline: TF-IDF + logistic regression", "baselines.tfidf_logreg"))
             if f"{key}.accuracy" in ev
         ])
+    if "task.test_bits_per_byte" in ev:  # causal-lm: the tuned LM against the pretrained one, on the task's text
+        typer.echo("")
+        name = f"{p['model']} v{p['candidate']}" if "model" in p else "fine-tuned model"
+        echo_table(["finetune test text", "bits/byte", "perplexity"], [
+            [label, f"{ev[f'{key}.test_bits_per_byte']:.4f}", f"{ev[f'{key}.test_perplexity']:.4f}"]
+            for label, key in ((name, "task"), ("baseline: the pretrained model", "baselines.base_model"))
+            if f"{key}.test_bits_per_byte" in ev and f"{key}.test_perplexity" in ev
+        ])
     if "lm.test_bits_per_byte" in ev:
         typer.echo(f"base LM test bits/byte: {ev['lm.test_bits_per_byte']:.4f}")
 
     typer.echo("")
     if "model" in p:
-        verdict = ("promoted to @champion" if p["promoted"] else "kept as @challenger"
-                   if p["champion_after"] != p["candidate"] else "already @champion")
+        verdict = ("promoted to @champion" if p["promoted"] else "already @champion"
+                   if p["champion_after"] == p["candidate"] else "kept as @challenger" if p.get("challenger")
+                   else "not promoted")
         typer.echo(f"registry: {p['model']} v{p['candidate']} {verdict} ({p['reason']})")
     elif p:
         typer.echo(f"registry: {p.get('reason')}")
@@ -290,18 +299,21 @@ def promote(
 
     from flows import promotion
 
-    result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
+    with promotion.promotion_slot():  # the slot the automatic gate takes: never two moves at once
+        result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
     typer.echo(json.dumps(result))
 
 
 @app.command()
 def rollback(name: Annotated[str, typer.Argument(help="registered model name")]) -> None:
-    """Move champion back to the version it replaced."""
+    """Move champion back to the version it replaced; the automatic gate never promotes that version again
+    (only `lmline promote` can)."""
     import getpass
 
     from flows import promotion
 
-    result = promotion.rollback(name, who=getpass.getuser())
+    with promotion.promotion_slot():  # the slot the automatic gate takes: never two moves at once
+        result = promotion.rollback(name, who=getpass.getuser())
     typer.echo(json.dumps(result))
 
 
@@ -488,7 +500,7 @@ def registry_status(cfg: config.Params) -> dict:
             if mv is None:
                 continue
             tags = dict(mv.tags)
-            metric = tags.get("lmline.eval.metric_name", cfg.promote.metric)
+            metric = tags.get("lmline.eval.metric_name", cfg.promote.resolved(cfg.finetune.task).metric)
             models.append({
                 "model": name,
                 "alias": alias,

@@ -349,10 +349,23 @@ class EvaluateConfig(Section):
 
 
 # ---------------------------------------------------------------- promote
+TASK_METRICS = {  # the promote.metric values that fit each finetune.task; the first is what `auto` means
+    "classification": ("macro_f1", "accuracy"),
+    "causal-lm": ("bits_per_byte",),
+}
+LOWER_IS_BETTER = {"bits_per_byte"}
+
+
 class PromoteConfig(Section):
-    metric: Literal["accuracy", "macro_f1"] = "macro_f1"  # test-split metric a candidate must beat the champion on
+    # auto = macro_f1 for classification, bits_per_byte (of the fine-tuned model on the finetune source's
+    # test text; lower is better) for causal-lm
+    metric: Literal["auto", "accuracy", "macro_f1", "bits_per_byte"] = "auto"  # test-split metric a candidate must beat the champion on (auto: by finetune.task)
     min_delta: Annotated[float, Field(ge=0)] = 0.0  # by at least this much
     max_bpb_regression: Annotated[float, Field(ge=0)] = 0.05  # guard on the base model's bits per byte
+
+    def resolved(self, task: str) -> "PromoteConfig":
+        """This config with `auto` replaced by the metric it means for `task`."""
+        return self if self.metric != "auto" else self.model_copy(update={"metric": TASK_METRICS[task][0]})
 
 
 # ---------------------------------------------------------------- orchestration (Prefect)
@@ -444,6 +457,10 @@ class Params(Section):
         ft = [s.name for s in self.ingest.sources if s.role == "finetune"]
         if self.finetune.source is not None and self.finetune.source not in ft:
             raise ValueError(f"finetune.source {self.finetune.source!r} is not a finetune-role source ({ft})")
+        fits = TASK_METRICS[self.finetune.task]
+        if self.promote.metric not in ("auto", *fits):
+            raise ValueError(f"promote.metric {self.promote.metric!r} does not fit finetune.task {self.finetune.task!r} "
+                             f"(use auto or one of {', '.join(fits)})")
         return self
 
     def section(self, name: str) -> BaseModel:

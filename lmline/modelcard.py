@@ -144,6 +144,11 @@ def metrics_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
     return lines
 
 
+def tag_number(value: str | None) -> float | None:
+    """A decision tag's number; empty when that score was missing (the gate then refused)."""
+    return float(value) if value else None
+
+
 def champion_section(decision: dict, aliases: list[str], metric: str) -> list[str]:
     """From the version's `lmline.decision.*` tags, which promotion writes."""
     shown = ", ".join(f"`@{a}`" for a in aliases) or "none"
@@ -154,10 +159,10 @@ def champion_section(decision: dict, aliases: list[str], metric: str) -> list[st
     if verdict == "promoted-manually":
         return lines + ["", f"Made champion by hand by {decision.get('lmline.decision.by')}: "
                         f"{decision.get('lmline.decision.reason')}.", ""]
-    rows = [["this version", num(float(decision["lmline.decision.candidate_metric"]))]]
+    rows = [["this version", num(tag_number(decision.get("lmline.decision.candidate_metric")))]]
     champion = decision.get("lmline.decision.champion_version")
     if champion:
-        rows.append([f"champion before (v{champion})", num(float(decision["lmline.decision.champion_metric"]))])
+        rows.append([f"champion before (v{champion})", num(tag_number(decision.get("lmline.decision.champion_metric")))])
     return lines + [
         "",
         f"Decision: **{verdict}**: {decision.get('lmline.decision.reason')}.",
@@ -233,7 +238,8 @@ def render(params: Params, model: str, metrics: dict[str, dict], samples: str | 
     lines += budget_section(params, metrics, is_base)
     lines += metrics_section(params, metrics, is_base)
     if not is_base:
-        lines += champion_section(lineage.get("decision") or {}, lineage.get("aliases") or [], params.promote.metric)
+        lines += champion_section(lineage.get("decision") or {}, lineage.get("aliases") or [],
+                                  params.promote.resolved(params.finetune.task).metric)
     classifier = not is_base and params.finetune.task == "classification"
     lines += samples_section(samples, "From the evaluate stage (reports/samples.txt)"
                              + (": a classifier does not generate, so these come from its base language model." if classifier else "."))

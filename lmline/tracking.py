@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmline.config import Params, flatten
+from lmline.errors import LmlineError
 
 PARENT_ENV = "LMLINE_PARENT_RUN_ID"
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer param values: those go in as an artifact instead
@@ -314,8 +315,8 @@ def plot_figures(stage: str, outputs: dict) -> dict:
         ax.set_title("cleaning: documents dropped per source and rule")
         figures[Path(drops).stem] = fig
     confusion = outputs.get("confusion")
-    if confusion and Path(confusion).exists():
-        rows = _read_csv(Path(confusion))
+    rows = _read_csv(Path(confusion)) if confusion and Path(confusion).exists() else []
+    if rows:  # causal-lm's evaluate writes the header only: no classes, no matrix
         labels = sorted({r["actual"] for r in rows} | {r["predicted"] for r in rows})
         counts = [[sum(1 for r in rows if r["actual"] == a and r["predicted"] == p) for p in labels] for a in labels]
         fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
@@ -454,6 +455,35 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- registry
+# The promotion gate fails closed: the only registry errors that mean "nothing there" are the two an
+# MLflow 3.17 store raises for a missing alias or model (checked on a real SQLite store):
+#   get_model_version_by_alias on a model without that alias -> INVALID_PARAMETER_VALUE,
+#       "Registered model alias <alias> not found." (the same code as a malformed alias name, hence the message check)
+#   any call naming a registered model that does not exist -> RESOURCE_DOES_NOT_EXIST
+# (through `mlflow server` the same codes arrive, the message prefixed "INVALID_PARAMETER_VALUE: ").
+# Anything else (a locked database is TEMPORARILY_UNAVAILABLE, a server failing after its retries,
+# a bad request) is a RegistryError: one line naming the tracking URI, and the caller moves nothing.
+class RegistryError(LmlineError):
+    """The MLflow registry could not answer or refused a change; the message names the tracking URI."""
+
+
+def registry_error(what: str, exc: Exception) -> RegistryError:
+    message = getattr(exc, "message", None) or str(exc)
+    first = (str(message).strip().splitlines() or [type(exc).__name__])[0]
+    return RegistryError(f"MLflow registry at {tracking_uri()}: {what} failed ({first})")
+
+
+@contextlib.contextmanager
+def registry(what: str):
+    """Turn MLflow's errors inside the block into a one-line RegistryError naming the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise registry_error(what, exc) from None
+
+
 def client():
     import mlflow
 
@@ -461,37 +491,84 @@ def client():
     return mlflow.tracking.MlflowClient()
 
 
+def _is_missing_alias(exc, alias: str) -> bool:
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    code = exc.error_code
+    if code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        return True  # the registered model does not exist (yet): no version can hold the alias
+    # a store says it as is; through `mlflow server` the RestException prefixes the code
+    message = exc.message.strip().removeprefix(f"{code}: ")
+    return code == ErrorCode.Name(INVALID_PARAMETER_VALUE) and message == f"Registered model alias {alias} not found."
+
+
 def alias_version(name: str, alias: str):
-    """The ModelVersion an alias points at, or None."""
+    """The ModelVersion an alias points at; None only when the alias (or the model) does not exist.
+    Any other registry error raises RegistryError: "cannot tell" must never read as "no champion"."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _is_missing_alias(exc, alias):
+            return None
+        raise registry_error(f"reading {name}@{alias}", exc) from None
 
 
 def version_tags(name: str, version: int | str) -> dict[str, str]:
-    return dict(client().get_model_version(name, str(version)).tags)
+    with registry(f"reading {name} v{version}"):
+        return dict(client().get_model_version(name, str(version)).tags)
 
 
 def set_version_tags(name: str, version: int | str, tags: dict[str, Any]) -> None:
-    c = client()
-    for key, value in tags.items():
-        c.set_model_version_tag(name, str(version), key, str(value))
+    with registry(f"tagging {name} v{version}"):
+        c = client()
+        for key, value in tags.items():
+            c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def delete_version_tags(name: str, version: int | str, keys: list[str]) -> None:
+    """Remove tags (MLflow 3.17 accepts removing one that is not there)."""
+    with registry(f"untagging {name} v{version}"):
+        c = client()
+        for key in keys:
+            c.delete_model_version_tag(name, str(version), key)
 
 
 def set_alias(name: str, alias: str, version: int | str) -> None:
-    client().set_registered_model_alias(name, alias, str(version))
+    with registry(f"pointing {name}@{alias} at v{version}"):
+        client().set_registered_model_alias(name, alias, str(version))
 
 
 def delete_alias(name: str, alias: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
+    """Remove an alias; removing one that is not set is not an error (MLflow 3.17 accepts it)."""
+    with registry(f"removing {name}@{alias}"):
         client().delete_registered_model_alias(name, alias)
-    except MlflowException:
-        pass
+
+
+def move_aliases(moves: list[tuple[str, str, int | str | None]]) -> None:
+    """Apply (model, alias, version or None to remove) moves all or none: if one fails, the ones already
+    made are put back as they were, and the RegistryError is raised."""
+    before = []
+    for name, alias, _ in moves:
+        current = alias_version(name, alias)
+        before.append(None if current is None else current.version)
+    done: list[int] = []
+    try:
+        for i, (name, alias, version) in enumerate(moves):
+            if version is None:
+                delete_alias(name, alias)
+            else:
+                set_alias(name, alias, version)
+            done.append(i)
+    except RegistryError:
+        for i in reversed(done):
+            name, alias, _ = moves[i]
+            if before[i] is None:
+                delete_alias(name, alias)
+            else:
+                set_alias(name, alias, before[i])
+        raise
 
 
 def list_models(prefix: str = "") -> list[dict]:

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from flows import promotion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+from mlflow.tracking import MlflowClient
+
+from flows import promotion, scoring
 from flows.promotion import Scores, decide
-from lmline import tracking
+from lmline import config, tracking
 from lmline.config import PromoteConfig
 from lmline.errors import LmlineError
+
+from conftest import tiny_params
 
 CFG = PromoteConfig(metric="macro_f1", min_delta=0.01, max_bpb_regression=0.05)
 
@@ -103,3 +109,196 @@ def test_manual_promote_and_rollback(registry):
     assert int(tracking.alias_version("m-classification", "champion").version) == v1
     with pytest.raises(LmlineError, match="no previous champion"):
         promotion.rollback("m-classification", who="bob")
+
+
+# ---------------------------------------------------------------- fails closed: missing scores
+@pytest.mark.parametrize(
+    "candidate, champion, why",
+    [
+        (Scores(None, 2.0, "s"), Scores(0.7, 2.0, "s"), "the candidate has no macro_f1"),
+        (Scores(None, 2.0, "s"), None, "the candidate has no macro_f1"),  # not even a first model without a score
+        (Scores(0.9, 2.0, "s"), Scores(None, 2.0, "s"), "the champion has no macro_f1"),
+        (Scores(0.9, None, "s"), Scores(0.7, 2.0, "s"), "the candidate has no base bits/byte"),
+        (Scores(0.9, None, "s"), None, "the candidate has no base bits/byte"),
+        (Scores(0.9, 2.0, "s"), Scores(0.7, None, "s"), "the champion has no base bits/byte"),
+    ],
+)
+def test_a_missing_score_is_a_reason_not_to_promote(candidate, champion, why):
+    decision = decide(candidate, champion, CFG)
+    assert not decision.promote and why in decision.reason
+
+
+def test_lower_is_better_for_bits_per_byte():
+    cfg = PromoteConfig(metric="bits_per_byte", min_delta=0.01)
+    champion = Scores(1.30, 2.0, "s")
+    assert decide(Scores(1.20, 2.0, "s"), champion, cfg).promote
+    assert not decide(Scores(1.295, 2.0, "s"), champion, cfg).promote  # better, by less than min_delta
+    assert not decide(Scores(1.40, 2.0, "s"), champion, cfg).promote
+    assert "lower is better" in decide(Scores(1.20, 2.0, "s"), champion, cfg).reason
+
+
+@pytest.mark.parametrize("task, metric, resolved", [("classification", "auto", "macro_f1"),
+                                                    ("causal-lm", "auto", "bits_per_byte"),
+                                                    ("classification", "accuracy", "accuracy")])
+def test_promote_metric_follows_the_task(make_params, task, metric, resolved):
+    params, _ = make_params(tiny_params(finetune={"task": task}, promote={"metric": metric}))
+    assert scoring.gate_config(params).metric == resolved
+
+
+@pytest.mark.parametrize("task, metric", [("causal-lm", "macro_f1"), ("classification", "bits_per_byte")])
+def test_a_metric_that_does_not_fit_the_task_fails_naming_the_key(make_params, task, metric):
+    with pytest.raises(config.ConfigError, match=f"params.yaml: promote.metric '{metric}' does not fit finetune.task"):
+        make_params(tiny_params(finetune={"task": task}, promote={"metric": metric}))
+
+
+def test_candidate_scores_without_the_metric_are_none_not_a_crash(make_params, workspace):
+    params, _ = make_params(tiny_params())
+    causal_lm_metrics = {"task": {"test_bits_per_byte": 1.5}, "lm": {"test_bits_per_byte": 2.0}}
+    assert scoring.candidate_scores(params, workspace, causal_lm_metrics).metric is None
+
+
+# ---------------------------------------------------------------- against a real registry
+BASE = "m-base"
+
+
+@pytest.fixture
+def gate(registry):
+    """v1 champion (fine-tuned from m-base v1, both @champion, scored), v2 a better candidate from m-base v2."""
+    client = tracking.client()
+    client.create_registered_model(BASE)
+    for _ in range(2):
+        client.create_model_version(BASE, source="base-model")
+    v1, v2 = registry(), registry()
+    tracking.set_version_tags("m-classification", v1, {"lmline.base_model": f"{BASE}/1"})
+    tracking.set_version_tags("m-classification", v2, {"lmline.base_model": f"{BASE}/2"})
+    promotion.promote("m-classification", v1, Scores(0.6, 2.0, "s"), CFG, never_rescore)
+    assert aliases() == {"champion": "1", "challenger": None, "base": "1"}
+    return v1, v2
+
+
+def aliases() -> dict:
+    def of(name, alias):
+        mv = tracking.alias_version(name, alias)
+        return None if mv is None else str(mv.version)
+
+    return {"champion": of("m-classification", "champion"), "challenger": of("m-classification", "challenger"),
+            "base": of(BASE, "champion")}
+
+
+REGISTRY_CALLS = ("get_model_version_by_alias", "get_model_version", "set_model_version_tag", "delete_model_version_tag",
+                  "set_registered_model_alias", "delete_registered_model_alias")
+
+
+def fail_at_call(monkeypatch, n: int) -> list:
+    """Fault injection into MLflow (not a mock of our code): the real MlflowClient methods run, except
+    that the n-th registry call raises the MlflowException a locked SQLite store raises."""
+    calls = []
+    for method in REGISTRY_CALLS:
+        real = getattr(MlflowClient, method)
+
+        def wrapped(self, *args, _real=real, _method=method, **kwargs):
+            calls.append(_method)
+            if len(calls) == n:
+                raise MlflowException("database is locked (injected)", TEMPORARILY_UNAVAILABLE)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, method, wrapped)
+    return calls
+
+
+GATE_OPERATIONS = {
+    "gate promotes": lambda v1, v2: promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore),
+    "gate rejects": lambda v1, v2: promotion.promote("m-classification", v2, Scores(0.1, 2.0, "s"), CFG, never_rescore),
+    "manual promote": lambda v1, v2: promotion.manual_promote("m-classification", v2, "alice", "test"),
+}
+
+
+@pytest.mark.parametrize("operation", GATE_OPERATIONS)
+def test_a_registry_error_at_any_call_stops_the_gate_and_moves_no_alias(gate, monkeypatch, operation):
+    """Every registry call the operation makes fails once in turn (fault injection into MLflow's client):
+    each time a one-line LmlineError naming the store, and the aliases as they were."""
+    v1, v2 = gate
+    before = aliases()
+    n = 1
+    while True:
+        with monkeypatch.context() as injected:
+            calls = fail_at_call(injected, n)
+            try:
+                GATE_OPERATIONS[operation](v1, v2)
+            except LmlineError as exc:
+                message = str(exc)
+            else:
+                break  # the operation made fewer than n calls: every one of them has failed once
+        assert "\n" not in message and tracking.tracking_uri() in message and "database is locked" in message, message
+        assert aliases() == before, f"{operation}: failing registry call {n} ({calls[-1]}) moved an alias"
+        n += 1
+    assert n > 3, "setup: the operation should make several registry calls"
+    assert aliases() != before or operation == "gate rejects" and aliases()["challenger"] == str(v2)
+
+
+def test_a_registry_error_during_rollback_moves_no_alias(gate, monkeypatch):
+    v1, v2 = gate
+    promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
+    before = aliases()
+    n = 1
+    while True:
+        with monkeypatch.context() as injected:
+            fail_at_call(injected, n)
+            try:
+                promotion.rollback("m-classification", who="bob")
+            except LmlineError as exc:
+                assert "\n" not in str(exc) and tracking.tracking_uri() in str(exc)
+            else:
+                break
+        assert aliases() == before
+        n += 1
+    assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
+
+
+def test_an_alias_not_found_is_no_champion_but_any_other_error_is_not(registry, monkeypatch):
+    assert tracking.alias_version("m-classification", "champion") is None  # the model exists, the alias not
+    assert tracking.alias_version("never-registered", "champion") is None
+    with monkeypatch.context() as injected:
+        fail_at_call(injected, 1)
+        with pytest.raises(tracking.RegistryError, match="reading m-classification@champion failed"):
+            tracking.alias_version("m-classification", "champion")
+
+
+def test_the_two_champion_aliases_move_together_or_not_at_all(gate):
+    """A real failure on the second move: the base version the candidate names was deleted."""
+    v1, v2 = gate
+    tracking.client().delete_model_version(BASE, "2")
+    with pytest.raises(tracking.RegistryError, match=f"{BASE}@champion at v2"):
+        promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
+    assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
+    assert tracking.version_tags("m-classification", v2)["lmline.decision"] == "failed"
+    with pytest.raises(tracking.RegistryError):
+        promotion.manual_promote("m-classification", v2, "alice", "test")
+    assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
+
+
+def test_a_missing_champion_score_keeps_the_champion(gate):
+    v1, v2 = gate
+    tracking.set_version_tags("m-classification", v1, {"lmline.eval.bits_per_byte": ""})  # scored without its base LM
+    result = promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
+    assert not result["promoted"] and "the champion has no base bits/byte" in result["reason"]
+    assert aliases()["champion"] == str(v1)
+    assert tracking.version_tags("m-classification", v2)["lmline.decision.reason"] == result["reason"]
+
+
+# ---------------------------------------------------------------- human decisions stick
+def test_a_rolled_back_version_is_never_promoted_again_automatically(gate):
+    v1, v2 = gate
+    assert promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)["promoted"]
+    promotion.rollback("m-classification", who="bob")
+    assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
+
+    again = promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore, "run-2")
+    assert not again["promoted"] and "rolled back by bob" in again["reason"]
+    assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
+    tags = tracking.version_tags("m-classification", v2)
+    assert tags["lmline.decision"] == "rejected" and "rolled back by bob" in tags["lmline.decision.reason"]
+
+    promotion.manual_promote("m-classification", v2, who="alice", why="fixed after all")  # a person can
+    assert aliases() == {"champion": str(v2), "challenger": None, "base": "2"}
+    assert promotion.ROLLED_BACK not in tracking.version_tags("m-classification", v2)
