@@ -18,11 +18,13 @@ Every step that drops documents has a datatrove exclusion writer (removed/<rule>
 that is how drops are counted per source and rule, independently of the documents kept. Where profiling
 found datatrove slow, tasks/clean_fast.py swaps in equivalent code (checked against datatrove's in tests).
 
-Scale-out: each pipeline is a plain list of datatrove steps plus a task count, so handing the same lists
-to RayPipelineExecutor or SlurmPipelineExecutor (chained with `depends=`; folders may be s3:// or hf://
-DataFolders) runs the stage on a cluster. Two steps stay in this process: the shard pre-pass (at that
-scale the raw data already comes as many files, and `chunk_text` becomes a per-document step) and the
-assembly, which holds the kept documents in memory (there, a ParquetWriter step per role and split).
+Scale-out: each pipeline is a plain list of datatrove steps plus a task count, so the same lists run
+on LocalPipelineExecutor (processes here) or, with `clean.executor: ray`, on RayPipelineExecutor (tasks
+on a Ray cluster; `pipeline_executor` is the one place that chooses). Two steps stay in this process:
+the shard pre-pass (at cluster scale the raw data already comes as many files, and `chunk_text` would
+become a per-document step) and the assembly, which holds the kept documents in memory (there, a
+ParquetWriter step per role and split). SlurmPipelineExecutor is not wired: it returns once its jobs
+are queued, and a DVC stage must end with its outputs written (docs/production.md).
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lmline import config
@@ -56,22 +57,20 @@ def stop_process_group(pgid: int) -> None:
 def group_members(pgid: int) -> list[int]:
     """Live processes of the group; zombies left for init to reap do not count."""
     members = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()  # after "(command name)": state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(pid))
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
     return members
 
 
 def listening_outside_loopback(pgid: int) -> list[str]:
     """TCP listeners of the head's processes on any address other than loopback."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    mine = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in group_members(pgid))]
-    return [line for line in mine if not any(f"{a}:" in line.split()[3] for a in ("127.0.0.1", "[::ffff:127.0.0.1]"))]
+    pids = set(group_members(pgid))
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening, "the head's servers listen somewhere"  # else this check would prove nothing
+    return [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening
+            if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
 
 
 def write_corpus_with_drops(root: Path) -> None:
