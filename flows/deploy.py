@@ -55,7 +55,7 @@ def kubernetes_gpu_job_template(pools: config.WorkPoolsConfig, image: str | None
         WORKSPACE_ENV: "/workspace",
     }
     variables["image"]["default"] = image
-    variables["image"]["description"] = "lmline's image: the project installed and a clone of origin at $LMLINE_WORKSPACE"
+    variables["image"]["description"] = "lmline's image: the project installed, a clone of origin at $LMLINE_WORKSPACE"
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     pod["containers"][0]["resources"]["limits"][GPU_RESOURCE] = "{{ gpus }}"
     # GPU nodes are commonly tainted so that only pods asking for GPUs land there

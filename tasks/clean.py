@@ -66,7 +66,7 @@ from datatrove.utils.logging import setup_default_logger
 from loguru import logger
 
 from lmline import progress
-from lmline.config import CleanConfig, Params, PiiConfig, slug_ok
+from lmline.config import CleanConfig, Params, PiiConfig, RayConfig, slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from tasks.clean_fast import (
@@ -477,7 +477,7 @@ def executor_session(cfg: CleanConfig):
         ray.shutdown()
 
 
-def check_a_task_fits(nodes: list[dict], ray_cfg) -> None:
+def check_a_task_fits(nodes: list[dict], ray_cfg: RayConfig) -> None:
     """Ray waits forever for a reservation no node can hold: fail instead, naming the keys."""
     memory = ray_cfg.mem_per_cpu_gb * ray_cfg.cpus_per_task * 2**30
     for node in nodes:
@@ -497,7 +497,8 @@ def check_every_task_completed(executor: PipelineExecutor, what: str) -> None:
     a missing completion mark means a shard's documents are missing from the outputs."""
     missing = executor.get_incomplete_ranks(range(executor.world_size), skip_completed=True)
     if missing:
-        raise LmlineError(f"{what}: tasks {missing} of {executor.world_size} did not complete ({last_error(executor, missing[0])})")
+        cause = last_error(executor, missing[0])
+        raise LmlineError(f"{what}: tasks {missing} of {executor.world_size} did not complete ({cause})")
 
 
 def last_error(executor: PipelineExecutor, rank: int) -> str:

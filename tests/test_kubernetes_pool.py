@@ -60,7 +60,8 @@ def test_gpu_pool_template_renders_a_job_with_the_gpus_env_and_image():
         "CUDA_VISIBLE_DEVICES": "0,1", "LMLINE_WORKSPACE": "/workspace",
         "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "LMLINE_PARENT_RUN_ID": "0123abcd"}
     assert container["args"] == ["prefect", "flow-run", "execute"]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in manifest["spec"]["template"]["spec"]["tolerations"]
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert toleration in manifest["spec"]["template"]["spec"]["tolerations"]
     assert manifest["kind"] == "Job" and manifest["metadata"]["namespace"] == "default"
 
 
