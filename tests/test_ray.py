@@ -31,7 +31,8 @@ def start_ray_head(temp_dir: Path, port: int) -> int:
     """`ray start --head` on 127.0.0.1 with 2 CPUs; returns the process group its daemons run in."""
     env = {**os.environ, **LOOPBACK_ONLY, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            # the workers import tasks.clean to run the pipelines: this checkout, as in the driver
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TMPDIR": str(temp_dir)}  # datatrove's Ray tasks write their logs under $TMPDIR/ray_logs
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
            "--object-store-memory", str(80 * 1024 * 1024),  # Ray's minimum is 75 MiB; the tasks pass no data
