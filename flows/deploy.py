@@ -25,6 +25,44 @@ def pool_job_template(kind: str, pools: config.WorkPoolsConfig) -> dict:
     return template
 
 
+GPU_RESOURCE = "nvidia.com/gpu"  # what NVIDIA's Kubernetes device plugin calls a GPU
+
+
+def kubernetes_gpu_job_template(pools: config.WorkPoolsConfig, image: str | None = None) -> dict:
+    """The gpu pool as a Kubernetes pool (not run on a cluster here: docs/production.md): prefect-kubernetes'
+    own default base job template plus a GPU limit, the pod's CUDA_VISIBLE_DEVICES and lmline's image.
+
+    The pod gets as many GPUs as work_pools.gpu_devices lists. The device plugin shows a pod only its
+    own GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES counts from 0 whatever the host's numbers are.
+    Like the process pool's, it is the default `env`, which routing merges into each run's env
+    (MLFLOW_TRACKING_URI, LMLINE_PARENT_RUN_ID); LMLINE_WORKSPACE is where the image holds its clone."""
+    try:
+        from prefect_kubernetes.worker import KubernetesWorker
+    except ImportError:
+        raise LmlineError("the Kubernetes template needs prefect-kubernetes: pip install -e '.[kubernetes]'") from None
+
+    from flows.routing import WORKSPACE_ENV
+
+    template = KubernetesWorker.get_default_base_job_template()
+    variables = template["variables"]["properties"]
+    gpus = len(pools.gpu_devices.split(","))
+    variables["gpus"] = {
+        "title": "GPUs", "type": "integer", "minimum": 1, "default": gpus,
+        "description": f"{GPU_RESOURCE} limit of the flow run's container (lmline: work_pools.gpu_devices)",
+    }
+    variables["env"]["default"] = {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
+        WORKSPACE_ENV: "/workspace",
+    }
+    variables["image"]["default"] = image
+    variables["image"]["description"] = "lmline's image: the project installed, a clone of origin at $LMLINE_WORKSPACE"
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    pod["containers"][0]["resources"]["limits"][GPU_RESOURCE] = "{{ gpus }}"
+    # GPU nodes are commonly tainted so that only pods asking for GPUs land there
+    pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return template
+
+
 def ensure_work_pools(pools: config.WorkPoolsConfig) -> dict[str, str]:
     """Create each missing pool as a process pool; an existing pool (say a Kubernetes one) is left as is."""
     from prefect.client.orchestration import get_client
@@ -81,3 +119,25 @@ def deploy(params: config.Params, root: Path) -> dict:
                  if l.strip() and not l.strip().startswith("For further information")]
         raise LmlineError(f"prefect deploy failed: {' '.join(lines[-3:]) or f'exit code {out.returncode}'}")
     return {"work_pools": pools, "deployments": re.findall(r"Deployment '([^']+)' successfully", out.stdout)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.deploy kubernetes-template [--params FILE] [--image IMAGE]`: print the gpu pool's
+    Kubernetes base job template, for `prefect work-pool create gpu --type kubernetes --base-job-template`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy")
+    parser.add_argument("what", choices=["kubernetes-template"])
+    parser.add_argument("--params", default="params.yaml", help="the params file whose orchestration.work_pools to use")
+    parser.add_argument("--image", help="lmline's container image (else set it per deployment: job variable `image`)")
+    args = parser.parse_args(argv)
+    params = config.load(args.params)
+    print(json.dumps(kubernetes_gpu_job_template(params.orchestration.work_pools, args.image), indent=2))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LmlineError as exc:
+        sys.exit(f"error: {exc}")

@@ -249,6 +249,29 @@ class SplitConfig(Section):
         return self
 
 
+class RayConfig(Section):
+    """Where clean's datatrove passes run when clean.executor is ray (datatrove's RayPipelineExecutor).
+    Every node needs this project's environment (the same commit of lmline and its dependencies)."""
+    # host:port of the head's GCS (what `ray start --head --port` printed), or auto: RAY_ADDRESS, else
+    # the head last started on this machine. Ray Client (ray://) is not supported.
+    address: str = "auto"  # the cluster's head, host:port (its GCS port), or auto (RAY_ADDRESS / a head on this machine)
+    cpus_per_task: Annotated[int, Field(ge=1)] = 1  # CPUs Ray reserves for each datatrove task
+    mem_per_cpu_gb: Annotated[float, Field(gt=0)] = 2.0  # memory Ray reserves per reserved CPU, GB
+    # A task still running after this long is killed and the stage fails; None = no limit.
+    task_timeout_s: Annotated[int, Field(ge=1)] | None = None  # seconds before a task is killed (the stage then fails); null = no limit
+
+    @model_validator(mode="after")
+    def _address(self):
+        if self.address != "auto" and not ray_address_ok(self.address):
+            raise ValueError(f"address must be host:port (the head's GCS port) or auto (got {self.address!r})")
+        return self
+
+
+def ray_address_ok(address: str) -> bool:
+    match = re.fullmatch(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})", address)
+    return match is not None and 1 <= int(match.group(1)) <= 65535
+
+
 class CleanConfig(Section):
     min_chars: Annotated[int, Field(ge=0)] = 20  # default for sources without their own filters entry
     # Words for the quality filters: "fast" = lmline's regex tokenizer, "spacy" = datatrove's default
@@ -259,7 +282,11 @@ class CleanConfig(Section):
     minhash: MinhashConfig = MinhashConfig()  # near-duplicate removal
     pii: PiiConfig = PiiConfig()  # personal data scrubbing
     split: SplitConfig = SplitConfig()  # train/val/test split by a hash of each cleaned text
-    workers: Annotated[int, Field(ge=0)] = 0  # datatrove tasks; 0 = one per CPU core
+    # datatrove tasks (shards) per pass; 0 = one per CPU core here (local) or per free task slot of
+    # the cluster (ray). The outputs depend on it (which of two duplicates is kept), not on the executor.
+    workers: Annotated[int, Field(ge=0)] = 0  # datatrove tasks; 0 = one per CPU core (local) or per task slot of the Ray cluster
+    executor: Literal["local", "ray"] = "local"  # local: processes on this machine | ray: tasks on the Ray cluster in clean.ray
+    ray: RayConfig = RayConfig()  # the Ray cluster, when executor is ray
 
 
 # ---------------------------------------------------------------- tokenize

@@ -18,11 +18,13 @@ Every step that drops documents has a datatrove exclusion writer (removed/<rule>
 that is how drops are counted per source and rule, independently of the documents kept. Where profiling
 found datatrove slow, tasks/clean_fast.py swaps in equivalent code (checked against datatrove's in tests).
 
-Scale-out: each pipeline is a plain list of datatrove steps plus a task count, so handing the same lists
-to RayPipelineExecutor or SlurmPipelineExecutor (chained with `depends=`; folders may be s3:// or hf://
-DataFolders) runs the stage on a cluster. Two steps stay in this process: the shard pre-pass (at that
-scale the raw data already comes as many files, and `chunk_text` becomes a per-document step) and the
-assembly, which holds the kept documents in memory (there, a ParquetWriter step per role and split).
+Scale-out: each pipeline is a plain list of datatrove steps plus a task count, so the same lists run
+on LocalPipelineExecutor (processes here) or, with `clean.executor: ray`, on RayPipelineExecutor (tasks
+on a Ray cluster; `pipeline_executor` is the one place that chooses). Two steps stay in this process:
+the shard pre-pass (at cluster scale the raw data already comes as many files, and `chunk_text` would
+become a per-document step) and the assembly, which holds the kept documents in memory (there, a
+ParquetWriter step per role and split). SlurmPipelineExecutor is not wired: it returns once its jobs
+are queued, and a DVC stage must end with its outputs written (docs/production.md).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 import time
 from collections import Counter
 from functools import partial
@@ -41,6 +44,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
@@ -62,7 +66,7 @@ from datatrove.utils.logging import setup_default_logger
 from loguru import logger
 
 from lmline import progress
-from lmline.config import CleanConfig, Params, PiiConfig, slug_ok
+from lmline.config import CleanConfig, Params, PiiConfig, RayConfig, slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from tasks.clean_fast import (
@@ -396,13 +400,115 @@ def clean_documents(cfg: CleanConfig, seed: int, sources: list[str], work: Path,
     runs.append((pipeline, workers, kept))
     for i, (steps, tasks, writes) in enumerate(progress.bar(runs, desc="clean passes", unit="pass")):
         logs = str(work / "logs" / f"{i:02d}")
-        executor = LocalPipelineExecutor(
-            steps, tasks=tasks, workers=min(workers, tasks), logging_dir=logs, start_method=START_METHOD
-        )
+        executor = pipeline_executor(cfg, steps, tasks, min(workers, tasks), logs)
         executor.run()
+        check_every_task_completed(executor, f"clean pass {i + 1} of {len(runs)}")
         if writes:
             every_rank_has_a_file(writes, tasks)
     return kept
+
+
+# ---------------------------------------------------------------- where the passes run
+def pipeline_executor(cfg: CleanConfig, steps: list, tasks: int, workers: int, logs: str) -> PipelineExecutor:
+    """The one place clean.executor is read: the same pipeline and task count, run by processes here
+    or by tasks on the Ray cluster that executor_session connected to."""
+    if cfg.executor == "ray":
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        # workers=-1: as many tasks at once as the cluster has room for (Ray schedules by the reservations)
+        return RayPipelineExecutor(
+            steps, tasks=tasks, workers=-1, logging_dir=logs, cpus_per_task=cfg.ray.cpus_per_task,
+            mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb, time=cfg.ray.task_timeout_s,
+        )
+    return LocalPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=logs, start_method=START_METHOD)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def import_ray(address: str):
+    """ray, set up for `address`. Ray replaces a loopback address by the machine's outward IP, which a
+    head bound to loopback (the tests', a laptop's) does not answer on; its local-only mode (the one it
+    uses on macOS) keeps loopback. Ray reads that switch when it is first imported."""
+    loopback = address.rpartition(":")[0] in LOOPBACK
+    if loopback:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray._private import ray_constants
+
+    if loopback and getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        raise LmlineError(
+            f"clean.ray.address {address}: a loopback head needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+            "before Ray is imported (unset it, or give the head's outward address)"
+        )
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """Fail at once on a head that does not answer: ray.init retries an address for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise LmlineError(f"clean.ray.address {address}: no Ray head answers there ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def executor_session(cfg: CleanConfig):
+    """Be connected to where the passes run for the stage's duration; yield how many tasks fit there at
+    once (the task count for clean.workers: 0)."""
+    if cfg.executor == "local":
+        yield os.cpu_count() or 1
+        return
+    check_reachable(cfg.ray.address)
+    ray = import_ray(cfg.ray.address)
+    try:
+        # log_to_driver off: task errors come back through check_every_task_completed, not as noise
+        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as exc:
+        raise LmlineError(f"clean.ray.address {cfg.ray.address}: cannot connect to a Ray cluster ({exc})") from None
+    try:
+        check_a_task_fits(ray.nodes(), cfg.ray)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        yield max(1, int(cpus // cfg.ray.cpus_per_task))
+    finally:
+        ray.shutdown()
+
+
+def check_a_task_fits(nodes: list[dict], ray_cfg: RayConfig) -> None:
+    """Ray waits forever for a reservation no node can hold: fail instead, naming the keys."""
+    memory = ray_cfg.mem_per_cpu_gb * ray_cfg.cpus_per_task * 2**30
+    for node in nodes:
+        have = node.get("Resources", {})
+        if node.get("Alive") and have.get("CPU", 0) >= ray_cfg.cpus_per_task and have.get("memory", 0) >= memory:
+            return
+    biggest = max((n.get("Resources", {}) for n in nodes if n.get("Alive")), key=lambda r: r.get("CPU", 0), default={})
+    raise LmlineError(
+        f"clean.ray: no node of the cluster can hold a task of cpus_per_task={ray_cfg.cpus_per_task} and "
+        f"{memory / 2**30:g} GB (cpus_per_task x mem_per_cpu_gb); the largest has {biggest.get('CPU', 0):g} CPUs "
+        f"and {biggest.get('memory', 0) / 2**30:.1f} GB for tasks"
+    )
+
+
+def check_every_task_completed(executor: PipelineExecutor, what: str) -> None:
+    """Fail closed: LocalPipelineExecutor raises when a task fails, RayPipelineExecutor only logs it;
+    a missing completion mark means a shard's documents are missing from the outputs."""
+    missing = executor.get_incomplete_ranks(range(executor.world_size), skip_completed=True)
+    if missing:
+        cause = last_error(executor, missing[0])
+        raise LmlineError(f"{what}: tasks {missing} of {executor.world_size} did not complete ({cause})")
+
+
+def last_error(executor: PipelineExecutor, rank: int) -> str:
+    """The last line of task `rank`'s log naming an error, for the one-line message."""
+    try:
+        with executor.logging_dir.open(f"logs/task_{rank:05d}.log", "r") as fh:
+            lines = [line.strip() for line in fh if "Error" in line or "Exception" in line]
+    except FileNotFoundError:
+        return "no task log: killed, timed out or never started"
+    return lines[-1][-300:] if lines else "its log names no error"
 
 
 @contextlib.contextmanager
@@ -494,10 +600,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     cfg, seed = params.clean, params.project.seed
     started = time.perf_counter()
     files = raw_files(inputs["raw"])
-    workers = cfg.workers or os.cpu_count() or 1
-    with atomic_path(outputs["clean"]) as clean_dir, quiet_datatrove():
+    with atomic_path(outputs["clean"]) as clean_dir, quiet_datatrove(), executor_session(cfg) as slots:
+        workers = cfg.workers or slots
         clean_dir.mkdir()
-        work = clean_dir.parent / "datatrove"  # removed with the temp dir, success or not
+        # removed with the temp dir, success or not; absolute: Ray's workers do not share our cwd
+        work = (clean_dir.parent / "datatrove").absolute()
         tally = write_shards(files, cfg, work / "shards", workers)
         docs = read_jsonl_folder(clean_documents(cfg, seed, sorted(tally), work, workers))
         per_source = source_metrics(cfg, tally, docs, count_removed(work))
