@@ -172,6 +172,9 @@ def retrain(
                     retry_delay_seconds=params.orchestration.retry_delay_seconds,
                 )
                 results.append(stage_task(stage, str(root), force, parent_id, params_file))
+            # Only now, every selected stage done, do their models enter the registry (the stages only
+            # log them): a run that fails at any stage leaves the registry exactly as it was.
+            tracking.register_produced_models(params, root, selected, evaluated="evaluate" in selected)
             if promote and "evaluate" in selected:
                 promotion = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
             summary = {

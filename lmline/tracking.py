@@ -16,9 +16,9 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from lmline.config import Params, flatten
+from lmline.config import Params, flatten, metrics_path
 from lmline.errors import LmlineError
 
 PARENT_ENV = "LMLINE_PARENT_RUN_ID"
@@ -173,8 +173,13 @@ def _pip_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")]
 
 
-def log_and_register_model(model_dir: Path, registered_name: str, task: str, metrics: dict) -> int:
-    """Log a saved transformers model (safetensors) with the transformers flavour and register a version."""
+LOGGED_MODEL_TAG = "lmline.logged_model_id"  # on a stage run: the LoggedModel the flow registers if the run succeeds
+
+
+def log_model(model_dir: Path, title: str, task: str) -> str:
+    """Log a saved transformers model (safetensors) with the transformers flavour on the active run,
+    without registering it (the flow registers once the whole run succeeded: register_produced_models).
+    Returns the LoggedModel's id."""
     import mlflow
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -190,17 +195,11 @@ def log_and_register_model(model_dir: Path, registered_name: str, task: str, met
         {"model": model, "tokenizer": tokenizer},
         name="model",
         # Our own card: without one MLflow asks the Hugging Face hub for one, which is offline here.
-        model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n# {registered_name}\n\nlmline's model card is the version's description.\n"),
+        model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n# {title}\n\nlmline's model card is the version's description.\n"),
         task=task,
-        registered_model_name=registered_name,
         pip_requirements=_pip_requirements(),
-        await_registration_for=0,
     )
-    version = int(info.registered_model_version)
-    client = mlflow.tracking.MlflowClient()
-    for key, value in numeric(metrics).items():
-        client.set_model_version_tag(registered_name, str(version), f"metric.{key}", f"{value:.6g}")
-    return version
+    return info.model_id
 
 
 def producing_version(params: Params, stage: str) -> str:
@@ -217,6 +216,67 @@ def producing_version(params: Params, stage: str) -> str:
         return ""
     name, version = tags.get("lmline.registered_model"), tags.get("lmline.model_version")
     return f"{name}/{version}" if name and version else ""
+
+
+def register_produced_models(params: Params, root: Path, stages: Iterable[str], evaluated: bool) -> dict[str, str]:
+    """Register the models behind the current outputs of `stages` (pretrain, finetune; a fine-tune's
+    base model with it), each once: the flow calls this after every selected stage succeeded, so a run
+    that fails anywhere leaves the registry as it was. The producing run is the one metrics/<stage>.json
+    names, so a model logged by a cached stage whose own flow run failed later is registered now.
+    A version that already exists for that run is reused, never duplicated. Sets the run tags
+    lmline.registered_model / lmline.model_version, a new version's metric.* tags and (fine-tune)
+    lmline.base_model, and publishes the cards: every one up to evaluate when `evaluated` (this run
+    evaluated these very models), else a new version's up to its stage. Returns {stage: name/version}."""
+    from mlflow.exceptions import MlflowException
+
+    from lmline.errors import LmlineError
+    from lmline.io import read_json
+
+    wanted = [s for s in REGISTERED_STAGES if s in stages]
+    if wanted == ["finetune"]:
+        wanted = list(REGISTERED_STAGES)  # a fine-tuned version names its base version: lineage needs both
+    c = client()
+    # Resolve everything before the first write: a model that cannot be found must not leave the other half registered.
+    found = []
+    for stage in wanted:
+        metrics_file = Path(root) / metrics_path(params, stage)
+        metrics = read_json(metrics_file) if metrics_file.exists() else {}
+        run_id = metrics.get("mlflow_run_id")
+        if not run_id:
+            raise LmlineError(f"{metrics_file}: no mlflow_run_id, so no logged model to register (has the {stage} stage run?)")
+        name, _ = registered_model(params, stage)
+        try:
+            logged = c.get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+        except MlflowException:
+            raise LmlineError(f"{metrics_file}: its run {run_id} is not in the tracking store at {tracking_uri()}") from None
+        existing = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if not existing and not logged:
+            raise LmlineError(f"{metrics_file}: run {run_id} logged no model (no {LOGGED_MODEL_TAG} tag)")
+        found.append((stage, name, run_id, metrics, logged, existing))
+
+    registered: dict[str, str] = {}
+    for stage, name, run_id, metrics, logged, existing in found:
+        if existing:
+            version, new = min(int(v.version) for v in existing), False
+        else:
+            tags = {f"metric.{key}": f"{value:.6g}" for key, value in numeric(metrics).items()}
+            if stage == "finetune" and "pretrain" in registered:
+                tags["lmline.base_model"] = registered["pretrain"]
+            try:
+                c.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            mv = c.create_model_version(name, source=f"models:/{logged}", run_id=run_id, tags=tags,
+                                        await_creation_for=0, model_id=logged)
+            version, new = int(mv.version), True
+            log.info("registered %s v%s from run %s", name, version, run_id)
+        c.set_tag(run_id, "lmline.registered_model", name)
+        c.set_tag(run_id, "lmline.model_version", str(version))
+        registered[stage] = f"{name}/{version}"
+        if new or evaluated:
+            publish_model_card(params, Path(root), name, version, upto="evaluate" if evaluated else stage)
+    return registered
 
 
 def resolve_model_uri(uri: str, dst: Path | None = None) -> Path:
@@ -368,25 +428,15 @@ class StageRun:
             mlflow.log_artifact(str(path), artifact_path)
 
     def log_stage_outputs(self, stage: str, params: Params, inputs: dict, outputs: dict, metrics: dict) -> None:
-        """Stage-specific extras: step-wise training history, plot images, the trained model into the
-        registry with its model card; after evaluate, the cards of the versions it evaluated."""
+        """Stage-specific extras: step-wise training history, plot images, and the trained model, logged
+        on this run but not registered: the retrain flow registers it (register_produced_models) once
+        the whole pipeline run succeeded, so a failed run leaves nothing new in the registry."""
         if "loss" in outputs:
             log_history_csv(Path(outputs["loss"]), "")
         log_plot_images(stage, outputs)
         if stage in REGISTERED_STAGES:
             name, task = registered_model(params, stage)
-            version = log_and_register_model(Path(outputs["model"]), name, task, metrics)
-            self.set_tags({"lmline.registered_model": name, "lmline.model_version": str(version)})
-            if stage == "finetune":
-                base = producing_version(params, "pretrain")
-                if base:
-                    set_version_tags(name, version, {"lmline.base_model": base})
-            publish_model_card(params, Path.cwd(), name, version, upto=stage)
-        if stage == "evaluate":
-            for registered in REGISTERED_STAGES:
-                name, _, version = producing_version(params, registered).partition("/")
-                if name:
-                    publish_model_card(params, Path.cwd(), name, version, upto="evaluate")
+            self.set_tags({LOGGED_MODEL_TAG: log_model(Path(outputs["model"]), name, task)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow

@@ -66,6 +66,27 @@ def champion() -> int:
     return int(tracking.alias_version(MODEL, "champion").version)
 
 
+def registry_state() -> dict:
+    """Everything a run could leave in the registry: models with their tags, aliases and description,
+    and every version with its tags, aliases, description and source run."""
+    c = tracking.client()
+    return {
+        rm.name: {
+            "tags": dict(rm.tags), "aliases": dict(rm.aliases), "description": rm.description,
+            "versions": {
+                mv.version: {"tags": dict(mv.tags), "aliases": sorted(mv.aliases), "description": mv.description,
+                             "run_id": mv.run_id}
+                for mv in c.search_model_versions(f"name='{rm.name}'")
+            },
+        }
+        for rm in c.search_registered_models()
+    }
+
+
+def producing_run(root, stage: str) -> str:
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())["mlflow_run_id"]
+
+
 def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
     summary = retrain(workspace=str(pipeline))
     assert [(s["stage"], s["status"]) for s in summary["stages"]] == [
@@ -124,6 +145,7 @@ def test_test_labels_the_champion_never_saw_count_as_its_errors(pipeline, tmp_pa
 
 def test_second_run_is_all_cached_and_quick(pipeline):
     before = champion()
+    versions_before = {name: set(model["versions"]) for name, model in registry_state().items()}
     started = time.perf_counter()
     summary = retrain(workspace=str(pipeline))
     seconds = time.perf_counter() - started
@@ -134,6 +156,8 @@ def test_second_run_is_all_cached_and_quick(pipeline):
     assert all(r.data.tags["lmline.produced_by_run"] != "unknown" for r in nested)
     assert summary["promotion"]["reason"] == "candidate is already the champion"
     assert champion() == before
+    # the models behind the cached outputs are registered already: no second version of them
+    assert {name: set(model["versions"]) for name, model in registry_state().items()} == versions_before
 
 
 def test_a_worse_candidate_ends_as_challenger(pipeline):
@@ -246,10 +270,42 @@ def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, caps
     write_overrides(pipeline / "params.yaml", {"finetune.task": "classification"})  # as the tests below expect
 
 
+def test_a_run_failing_after_finetune_registers_nothing_and_the_next_run_registers_its_models_once(pipeline):
+    before = registry_state()
+    # pretrain and finetune re-run and log their models; evaluate then fails at run time: a temperature
+    # this small passes validation but turns the sampling probabilities into NaN
+    failed = retrain(workspace=str(pipeline), stages=["pretrain", "finetune", "evaluate"], return_state=True,
+                     overrides=["pretrain.max_steps=10", "finetune.max_steps=4", "finetune.eval_every=2",
+                                "evaluate.temperature=1e-300"])
+    assert failed.is_failed()
+    assert registry_state() == before
+    runs = {stage: producing_run(pipeline, stage) for stage in ("pretrain", "finetune")}
+    for run_id in runs.values():
+        assert mlflow.get_run(run_id).data.tags[tracking.LOGGED_MODEL_TAG], "setup: the stage ran and logged its model"
+        assert run_id not in {v["run_id"] for m in before.values() for v in m["versions"].values()}
+
+    # the next successful run reuses both from DVC's cache and registers what the failed run logged, once
+    summary = retrain(workspace=str(pipeline), stages=["pretrain", "finetune"])
+    assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("pretrain", "cached"), ("finetune", "cached")]
+    after = registry_state()
+    added = {}
+    for name, stage in (("tiny-base", "pretrain"), (MODEL, "finetune")):
+        [version] = set(after[name]["versions"]) - set(before[name]["versions"])
+        added[stage] = f"{name}/{version}"
+        registered = after[name]["versions"][version]
+        assert registered["run_id"] == runs[stage]
+        assert "metric.val_loss" in registered["tags"]
+        assert registered["description"].startswith(f"# Model card: {name} v{version}")
+        tags = tracking.run_tags(runs[stage])
+        assert (tags["lmline.registered_model"], tags["lmline.model_version"]) == (name, str(version))
+    assert tracking.producing_version(config.load(pipeline / "params.yaml"), "finetune") == added["finetune"]
+    assert tracking.version_tags(*added["finetune"].split("/"))["lmline.base_model"] == added["pretrain"]
+
+
 def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    versions_before = len(tracking.client().search_model_versions(f"name='{MODEL}'"))
+    before = registry_state()  # ingest fails, before any model exists (the test above fails a run after finetune)
     with open(pipeline / "corpus" / "reviews.jsonl", "a") as fh:
         fh.write("{not json\n")
     state = retrain(workspace=str(pipeline), return_state=True)
@@ -259,6 +315,6 @@ def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):
     messages = [log.message for log in logs]
     # the stage's own one-line message (file and line) reaches the Prefect logs
     assert any("reviews.jsonl" in m and "line 121" in m for m in messages), messages[-5:]
-    assert len(tracking.client().search_model_versions(f"name='{MODEL}'")) == versions_before
+    assert registry_state() == before
     stuck = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list")
     assert stuck == []
