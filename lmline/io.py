@@ -23,8 +23,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+        elif tmp.is_dir() and (path.exists() or path.is_symlink()):
             path.unlink()
+        # A file over a file (or a link) is one rename: a reader never finds the path missing.
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
