@@ -27,14 +27,15 @@ GRACE_S = 5.0  # from SIGTERM to SIGKILL for the processes left behind
 
 
 def watch_children() -> bool:
-    """Make every process this one starts from now on die with it (Linux). Idempotent: a process
-    whose environment already carries a token is watched already, by its own or an ancestor's
-    watcher. Returns whether a watcher runs."""
-    if os.environ.get(TOKEN_ENV):
+    """Make every process this one starts from now on die with it (Linux). Idempotent within a
+    process. A token inherited from an ancestor's run is replaced: that watcher ends this process
+    (started with its token), this one's watcher then ends what this process started. Returns
+    whether a watcher runs."""
+    if os.environ.get(TOKEN_ENV, "").startswith(f"{os.getpid()}:"):
         return True
     if not sys.platform.startswith("linux"):
         return False  # PR_SET_PDEATHSIG is Linux's
-    token = uuid.uuid4().hex
+    token = f"{os.getpid()}:{uuid.uuid4().hex}"
     # Its own session: a Ctrl-C in the terminal is for the run, not for the watcher.
     subprocess.Popen([sys.executable, "-m", "flows.guard", str(os.getpid()), token], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
