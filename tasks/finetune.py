@@ -313,6 +313,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
     if resume_from:
         log.info("resuming from %s (%.1f s already trained)", resume_from, clock.already_s)
+    done = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
+    bar = [] if done else [progress.training_bar(cfg.max_steps, clock.seconds_left, "finetune")]  # no training, no bar
     trainer = Trainer(
         model=model,
         args=training_args(cfg, seed, outputs["checkpoints"], best_metric),
@@ -321,11 +323,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), clock,
-                   progress.training_bar(cfg.max_steps, clock.seconds_left, "finetune")],
+        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), clock, *bar],
     )
     trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
-    done = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
     result = fit(trainer, clock, resume_from, done, cfg.max_steps)
 
     write_history(outputs["loss"], result.pop("history"))

@@ -114,12 +114,14 @@ def kill_and_resume(prepared: dict, workspace: Path, stage: str, wait_for_checkp
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"{stage} ended before the kill:\n{log.read_text()[-3000:]}"
     last = max(complete_steps(ckpt_dir), default=0)
+    spent = resume.read_clock(ckpt_dir / f"checkpoint-{last}")["train_seconds"] if last else 0.0
 
     monkeypatch.chdir(workspace)
     for variable in ("MLFLOW_TRACKING_URI", "LMLINE_PARENT_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
     metrics = cli.run_stage(stage, config.load("params.yaml"))
     assert not ckpt_dir.exists(), "the shell deletes the checkpoints once the run is logged"
+    assert metrics["train_seconds"] >= round(spent, 3), "the time budget counts the killed attempt's training"
     runs = mlflow_runs(workspace)
     assert [r.info.status for r in runs if r.info.run_id == metrics["mlflow_run_id"]] == ["FINISHED"]
     # the killed attempt's run, if it got as far as opening one, was closed by the re-run
