@@ -19,10 +19,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
+from flows import guard
 from lmline import config, progress, tracking
 from lmline.data import check_git_inputs
 from lmline.errors import LmlineError
-from lmline.io import read_json
+from lmline.io import atomic_path, read_json
 
 STAGE_DONE_MARKERS = ("Running stage",)  # DVC prints this only when it executes the stage's cmd
 
@@ -53,23 +54,46 @@ def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, 
 
 
 def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, log) -> str:
-    """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'."""
+    """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'. `dvc` and the stage
+    it runs die with this process, however it ends, leaving DVC's lock free: interrupted here, their
+    process group is stopped; killed, the watcher of flows/guard.py ends them."""
+    guard.watch_children()  # already running under `lmline run`; a deployment's flow run starts its own
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     proc = subprocess.Popen(
-        cmd, cwd=root, env=stage_env(parent_run_id, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=root, env=stage_env(parent_run_id, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # dvc and the `lmline stage` it runs: one group, stopped together
     )
     lines = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            lines.append(line)
-            log.info(line, extra={progress.STAGE_OUTPUT: True})  # all in Prefect; the terminal shows it with -v
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                lines.append(line)
+                log.info(line, extra={progress.STAGE_OUTPUT: True})  # all in Prefect; the terminal shows it with -v
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM, an error while logging): stop the group
+            stop_group(proc)
     if proc.wait():
         # Our CLI prints one `error: ...` line naming the file/key; surface it as the failure message.
         errors = [l.removeprefix("error: ") for l in lines if l.startswith("error: ")]
         detail = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
         raise StageFailed(f"stage {stage} failed: {detail}")
     return "ran" if any(m in l for l in lines for m in STAGE_DONE_MARKERS) else "cached"
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = guard.GRACE_S) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL whatever is left of it after `grace_s`."""
+    import signal
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return  # no process of the group is left
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 @task(name="stage")
@@ -87,12 +111,27 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None, par
     return StageResult(stage, status, round(time.perf_counter() - started, 2), metrics)
 
 
-def write_overrides(params_path: Path, overrides: dict) -> None:
-    """Persist --set overrides into params.yaml (as `dvc exp run -S` does) so DVC sees them."""
-    from dvc.utils.serialize import modify_yaml
+def workspace_lock(root: Path):
+    """The lock that serialises pipeline runs in one workspace: DVC takes a repo lock of its own, and
+    two flows would collide on it; params.yaml is rewritten only under this lock too."""
+    from filelock import FileLock
 
-    with modify_yaml(params_path) as data:
-        config.apply_overrides(data, overrides)
+    return FileLock(str(root / ".dvc" / "tmp" / "lmline-retrain.lock"))
+
+
+def write_overrides(params_path: Path, overrides: dict) -> config.Params:
+    """Persist --set overrides into params.yaml (as `dvc exp run -S` does) so DVC sees them; call it
+    under workspace_lock. The overrides are merged into the file as it is now (another run may have
+    changed it since this one validated), the result validated, and written whole (temp + rename),
+    comments kept: a reader never sees a half-written file, and params.yaml is never left invalid.
+    Returns the params as written; raises ConfigError, naming the key, and writes nothing if invalid."""
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    data = parse_yaml_for_update(params_path.read_text(encoding="utf-8"), str(params_path))
+    config.apply_overrides(data, overrides)
+    with atomic_path(params_path) as tmp:
+        tmp.write_text(dumps_yaml(data), encoding="utf-8")
+        return config.load(tmp)  # the very bytes that replace params.yaml; named params.yaml in errors
 
 
 def key_metrics(result: StageResult) -> str:
@@ -128,8 +167,6 @@ def retrain(
     """Run the pipeline. `overrides` are dotted params (`pretrain.lr=1e-3`); `stages` a subset in pipeline
     order (default all); `force` re-runs stages even if DVC has them cached. `git_ref`/`revision`: what
     the deployment's pull step checked out (flows/routing.enter_workspace; the data trigger sets them)."""
-    from filelock import FileLock
-
     check_git_inputs(git_ref, revision)  # from the data trigger's event payload: checked before any use
     log = get_run_logger()
     root = Path(workspace).resolve()
@@ -142,11 +179,11 @@ def retrain(
         raise LmlineError(f"unknown stages {unknown} (stages: {', '.join(config.STAGES)})")
 
     # DVC takes a repo lock; two flows in one workspace would collide on it, so they queue here.
-    lock = FileLock(str(root / ".dvc" / "tmp" / "lmline-retrain.lock"))
+    lock = workspace_lock(root)
     log.info("waiting for the workspace lock" if lock.is_locked else "workspace lock free")
     with lock:
-        if parsed:
-            write_overrides(params_path, parsed)
+        if parsed:  # validated again as merged into params.yaml as it is now, under the lock
+            params = write_overrides(params_path, parsed)
         # distributed mode: stages mapped to gpu run on the gpu pool's worker (flows/routing.py)
         distributed = params.orchestration.mode == "distributed"
         if distributed:

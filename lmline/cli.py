@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,10 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
             if path.is_file() and path.stat().st_size < 5_000_000:
                 tracked.log_artifact(path, key)
         tracked.log_stage_outputs(name, params, inputs, outputs, metrics)
+    # Only now, with the outputs written and the run logged, is nothing left to resume: a failure
+    # anywhere before this line re-runs from the stage's last checkpoint (tasks/resume.py).
+    if "checkpoints" in outputs:
+        shutil.rmtree(outputs["checkpoints"], ignore_errors=True)
     return metrics
 
 
@@ -150,10 +155,18 @@ def run(
     from lmline import progress
 
     load_params(params, set_)  # fail on bad params before Prefect or any stage starts
+    from flows import guard
+
+    guard.watch_children()  # Prefect's temporary server, dvc and the stages die with this process
     if progress.stream() is sys.stderr:
         os.environ[progress.TTY_ENV] = "1"  # stage output goes to Prefect's logs: stages draw bars on the terminal
     from flows.retrain import retrain
+    from lmline import tracking
 
+    # Unreachable servers fail here, in one line each, within PROBE_TIMEOUT_S: Prefect's and
+    # MLflow's clients would retry for minutes and end in a traceback.
+    check_prefect_api()
+    tracking.check_server()
     summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
     print_summary(summary)
 
@@ -512,17 +525,36 @@ def registry_status(cfg: config.Params) -> dict:
     return {"tracking_uri": uri, "models": models, "note": note}
 
 
-def flow_run_status(limit: int) -> dict:
-    """The last flow runs, when a Prefect server is configured and answers; never starts one."""
+def prefect_api_error(api: str, timeout_s: float = 3) -> str:
+    """Why the Prefect API at `api` does not answer its /health within `timeout_s`, or '' if it does."""
     import urllib.request
 
+    try:
+        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s).close()
+    except OSError as exc:  # refused, unresolvable, timed out, or an HTTP error status
+        return str(getattr(exc, "reason", None) or exc)
+    return ""
+
+
+def check_prefect_api() -> None:
+    """With PREFECT_API_URL set, the server must answer before a flow starts (without it, Prefect
+    starts a temporary server of its own)."""
+    from lmline.tracking import PROBE_TIMEOUT_S
+
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api and (reason := prefect_api_error(api, PROBE_TIMEOUT_S)):
+        raise LmlineError(f"the Prefect API at {api} does not answer ({reason}); "
+                          "start the server or unset PREFECT_API_URL for a temporary one")
+
+
+def flow_run_status(limit: int) -> dict:
+    """The last flow runs, when a Prefect server is configured and answers; never starts one."""
     api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if not api:
         return {"api": None, "runs": [], "note": "set PREFECT_API_URL to a running `prefect server` to list flow runs"}
-    try:  # a quick probe: Prefect's own client retries for a long while before giving up
-        urllib.request.urlopen(f"{api}/health", timeout=3).close()
-    except OSError as exc:
-        return {"api": api, "runs": [], "note": f"the Prefect API does not answer ({exc})"}
+    # a quick probe: Prefect's own client retries for a long while before giving up
+    if reason := prefect_api_error(api):
+        return {"api": api, "runs": [], "note": f"the Prefect API does not answer ({reason})"}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 

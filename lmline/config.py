@@ -352,7 +352,7 @@ class FinetuneConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01  # AdamW weight decay
     warmup_steps: Annotated[int, Field(ge=0)] = 20  # linear warm-up steps
     max_steps: Annotated[int, Field(ge=1)] = 600  # step budget
-    max_minutes: Annotated[float, Field(gt=0)] = 3.0  # wall-clock budget; stops at whichever comes first
+    max_minutes: Annotated[float, Field(gt=0)] = 3.0  # training-time budget (evaluation and checkpoints excluded), summed over resumed attempts
     eval_every: Annotated[int, Field(ge=1)] = 100  # also the checkpoint interval (the best one is kept)
     early_stopping_patience: Annotated[int, Field(ge=1)] = 3  # evals without a better val metric
 

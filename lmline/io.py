@@ -39,7 +39,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not (tmp.exists() or tmp.is_symlink()):
             raise LmlineError(f"{path}: nothing was written in its place, so the old one is kept")
-        if path.exists() or path.is_symlink():
+        if tmp.is_dir() or path.is_dir():
+            # A directory cannot be renamed over: move the old one into the scratch folder (it goes with
+            # it), and back if the rename fails.
             old = scratch / f"{path.name}.old"
             os.replace(path, old)
             try:
@@ -48,6 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 os.replace(old, path)
                 raise
         else:
+            # A file over a file (or a link) is one rename: a reader never finds the path missing.
             os.replace(tmp, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

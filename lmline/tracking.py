@@ -34,11 +34,35 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+PROBE_TIMEOUT_S = 5.0  # how long a tracking server gets to answer /health before a run gives up on it
+
+
+def check_server(uri: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in one line, within `timeout_s`, when the tracking server does not answer. MLflow's own
+    client retries a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, with
+    back-off; MLFLOW_HTTP_REQUEST_TIMEOUT, default 120 s per request): those still apply should it
+    go away after this check. A file or sqlite store needs no check."""
+    import urllib.request
+
+    from lmline.errors import LmlineError
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except OSError as exc:  # refused, unresolvable, timed out, or an HTTP error status
+        reason = getattr(exc, "reason", None) or exc
+        raise LmlineError(f"the MLflow tracking server at {uri} does not answer ({reason}); "
+                          "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+
+
 def setup(params: Params, root: Path | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
     import mlflow
 
     root = (root or Path.cwd()).resolve()
+    check_server(tracking_uri(root))
     mlflow.set_tracking_uri(tracking_uri(root))
     name = params.project.experiment
     exp = mlflow.get_experiment_by_name(name)
@@ -444,16 +468,74 @@ class StageRun:
         mlflow.set_tags(tags)
 
 
+# ---------------------------------------------------------------- runs left RUNNING by a dead process
+OWNER_TAG = "lmline.owner"  # host:pid:start time of the process that holds the run open
+
+
+def process_owner(pid: int | None = None) -> str:
+    """This process as a run's owner. The start time tells a reused pid from the process that died."""
+    import socket
+
+    import psutil
+
+    process = psutil.Process(pid or os.getpid())
+    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.3f}"
+
+
+def owner_gone(owner: str) -> bool:
+    """True only when `owner` (process_owner's format) names a process of this host that no longer
+    runs; a process of another host cannot be checked from here, so it never counts as gone."""
+    import socket
+
+    import psutil
+
+    host, _, rest = owner.rpartition(":")[0].rpartition(":")
+    try:
+        pid, started = int(owner.rsplit(":", 2)[1]), float(owner.rsplit(":", 2)[2])
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        process = psutil.Process(pid)
+        # a zombie has died (its parent has not reaped it yet); another start time is another process
+        return process.status() == psutil.STATUS_ZOMBIE or abs(process.create_time() - started) > 0.01
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def close_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose owner process on this host is gone (kill -9,
+    a crash, a lost machine's restart): a run never stays RUNNING after its process died. Returns
+    the run ids it closed."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and owner_gone(owner):
+            client.set_tag(run.info.run_id, "lmline.closed_by", f"{process_owner()}: its process {owner} was gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+            log.warning("MLflow run %s (%s) was left RUNNING by a process that died: marked KILLED",
+                        run.info.run_id, run.data.tags.get("mlflow.runName", ""))
+    return closed
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """An MLflow run for one stage: nested under $LMLINE_PARENT_RUN_ID when a pipeline started it.
-    The run ends FAILED if the stage raises, so no run is left RUNNING."""
+    The run ends FAILED if the stage raises; if the process dies instead (kill -9), the next stage or
+    pipeline run in this experiment marks it KILLED, so no run is left RUNNING."""
     import mlflow
 
     root = (root or Path.cwd()).resolve()
-    setup(params, root)
+    close_dead_runs(setup(params, root))
     parent = os.environ.get(PARENT_ENV) or None
-    base_tags = {"lmline.stage": stage, **git_info(root), **(tags or {})}
+    base_tags = {"lmline.stage": stage, OWNER_TAG: process_owner(), **git_info(root), **(tags or {})}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=base_tags) as run:
         section = params.section(stage) if stage in type(params).model_fields else None
         if section is not None:
@@ -473,8 +555,9 @@ def parent_run(params: Params, tags: dict[str, str], root: Path | None = None):
     import mlflow
 
     root = (root or Path.cwd()).resolve()
-    setup(params, root)
-    with mlflow.start_run(run_name="retrain", tags={"lmline.pipeline": "retrain", **git_info(root), **tags}) as run:
+    close_dead_runs(setup(params, root))
+    run_tags = {"lmline.pipeline": "retrain", OWNER_TAG: process_owner(), **git_info(root), **tags}
+    with mlflow.start_run(run_name="retrain", tags=run_tags) as run:
         yield run.info.run_id
 
 

@@ -3,7 +3,7 @@
 finetune.task = classification: AutoModelForSequenceClassification from the pretrained checkpoint (the
 body loads, the score head is new), labels = the sorted label set of the train split. Trained with
 eval on val every `eval_every` steps, early stopping on val macro-F1, the best checkpoint kept, and a
-wall-clock budget.
+training-time budget. A killed run resumes from its last checkpoint when re-run (tasks/resume.py).
 finetune.task = causal-lm: continued next-token training on the same source's text (domain
 adaptation); with `mask_prompt`, the text before `prompt_separator` gets no loss (labels -100).
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 import transformers
+from accelerate import PartialState
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -31,14 +31,18 @@ from transformers import (
     EarlyStoppingCallback,
     PrinterCallback,
     Trainer,
-    TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from lmline import progress
 from lmline.config import FinetuneConfig, Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json, write_json
+from tasks import resume
+from tasks.resume import TrainingClock, checkpoint_step
 
 ROLE = "finetune"  # the clean stage's directory for finetune-role sources
 INFO_FILE = "finetune.json"  # inside the model dir: what evaluate needs to know about the model
@@ -167,29 +171,6 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------- training
-class TimeBudget(TrainerCallback):
-    """Stop after `minutes` of training, evaluating and saving first so the last stretch is not lost."""
-
-    def __init__(self, minutes: float):
-        self.seconds, self.started, self.hit = minutes * 60, time.monotonic(), False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.started > self.seconds:
-            self.hit = True
-            control.should_training_stop = control.should_evaluate = control.should_save = True
-        return control
-
-
-class LogProgress(TrainerCallback):
-    """Trainer logs to the logger (stderr): stdout carries the stage's metrics JSON."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        log.info("step %d/%d %s", state.global_step, state.max_steps, {k: round(v, 4) if isinstance(v, float) else v for k, v in (logs or {}).items()})
-
-
 def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric: str) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -206,6 +187,9 @@ def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric
         save_steps=cfg.eval_every,
         save_total_limit=2,  # the best and the latest
         load_best_model_at_end=True,
+        # EarlyStoppingCallback's count of evals without improvement lives in the checkpoint's
+        # trainer_state.json; without this a resumed run would forget it and train longer.
+        restore_callback_states_from_checkpoint=True,
         metric_for_best_model=best_metric,
         greater_is_better=best_metric != "loss",
         logging_steps=max(1, cfg.eval_every // 10),  # a train-loss curve finer than the eval points
@@ -265,21 +249,39 @@ def causal_lm_setup(cfg: FinetuneConfig, model_dir: Path, clean: Path, tokenizer
     return AutoModelForCausalLM.from_pretrained(model_dir), train, val
 
 
-def fit(trainer: Trainer, budget: TimeBudget, max_steps: int) -> dict:
-    """Train, reload the best checkpoint, and score it on val; returns how the run went."""
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+def fit(trainer: Trainer, clock: TrainingClock, resume_from: Path | None, done: bool, max_steps: int) -> dict:
+    """Train (resuming from `resume_from`), reload the best checkpoint, and score it on val; returns how
+    the run went. `done`: the checkpoint is the end of a run that was killed before its outputs were
+    written, so nothing is left to train: load its state and best model as train() would have left them."""
+    if done:
+        trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE_NAME))
+        best = trainer.state.best_model_checkpoint
+        for checkpoint in [resume_from] + ([Path(best)] if best and Path(best).is_dir() else []):
+            # strict=False as the Trainer loads its best model: tied weights are stored once
+            loaded = trainer.model.load_state_dict(load_file(checkpoint / SAFE_WEIGHTS_NAME), strict=False)
+            if loaded.unexpected_keys:
+                raise LmlineError(f"{checkpoint}: not a checkpoint of this model (unexpected {loaded.unexpected_keys[:3]})")
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = loss_history(trainer.state.log_history)  # before evaluate() adds a row of its own
     steps = trainer.state.global_step
     return {
         "steps": steps,
         "best_step": trainer.state.best_global_step,
-        "stopped_by": "time_budget" if budget.hit else "max_steps" if steps >= max_steps else "early_stopping",
-        "train_seconds": round(seconds, 3),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
+        "stopped_by": "time_budget" if clock.hit else "max_steps" if steps >= max_steps else "early_stopping",
+        "train_seconds": round(clock.seconds(), 3),
         "history": history,
         "final": trainer.evaluate(),  # the best checkpoint, reloaded by load_best_model_at_end
     }
+
+
+def fingerprint(params: Params, inputs: dict[str, Path]) -> str:
+    """What a checkpoint must have been trained on to be resumed: the finetune section, the seed, the
+    pretrained model (weights, config, tokenizer) and the finetune-role train and val data."""
+    model_files = sorted(p for p in Path(inputs["model"]).iterdir() if p.is_file())
+    data = [split_path(inputs["clean"], split) for split in ("train", "val")]
+    return resume.fingerprint(params.finetune, params.project.seed, model_files + data)
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
@@ -304,9 +306,15 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         # pads labels with -100 as well as input_ids with the pad id (nothing seq2seq about it)
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
 
-    # A re-run means the data or params changed: an old checkpoint would be stale, never resume from it.
-    shutil.rmtree(outputs["checkpoints"], ignore_errors=True)
-    budget = TimeBudget(cfg.max_minutes)
+    # Same params and data as the checkpoints: a killed run continues; anything else starts fresh.
+    ckpt_dir = Path(outputs["checkpoints"])
+    with PartialState().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
+        resume_from = resume.resume_point(ckpt_dir, fingerprint(params, inputs))
+    clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
+    if resume_from:
+        log.info("resuming from %s (%.1f s already trained)", resume_from, clock.already_s)
+    done = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
+    bar = [] if done else [progress.training_bar(cfg.max_steps, clock.seconds_left, "finetune")]  # no training, no bar
     trainer = Trainer(
         model=model,
         args=training_args(cfg, seed, outputs["checkpoints"], best_metric),
@@ -315,11 +323,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), budget, LogProgress(),
-                   progress.training_bar(cfg.max_steps, lambda: budget.seconds - (time.monotonic() - budget.started), "finetune")],
+        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), clock, *bar],
     )
-    trainer.remove_callback(PrinterCallback)  # replaced by LogProgress
-    result = fit(trainer, budget, cfg.max_steps)
+    trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
+    result = fit(trainer, clock, resume_from, done, cfg.max_steps)
 
     write_history(outputs["loss"], result.pop("history"))
     with atomic_path(outputs["model"]) as tmp:

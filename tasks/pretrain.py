@@ -19,8 +19,9 @@ Training is `transformers.Trainer` with our own AdamW and LR schedule:
   attempts: a run that crashed at minute 2 of 2.5 trains half a minute more after resuming.
 - Resume: re-running with the same params and data continues from the newest complete checkpoint.
   `fingerprint.json` beside the checkpoints hashes the pretrain section, the seed, meta.json and the
-  tokenizer files; any change starts fresh. Checkpoints are deleted after a successful run: DVC caches
-  the final model, and a finished run has nothing left to resume.
+  tokenizer files; any change starts fresh (tasks/resume.py). The shell deletes the checkpoints once
+  the outputs are written and the run is logged: DVC caches the final model, and a finished run has
+  nothing left to resume.
 - Validation bits per byte: the mean next-token loss over non-overlapping `context`-token windows
   covering the whole val split (each window predicts its last context-1 tokens), in bits, divided by
   the split's bytes per token from meta.json. The CSV's periodic val_loss uses the first
@@ -34,12 +35,8 @@ rank 0 writes outputs:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +51,6 @@ from transformers import (
     LlamaConfig,
     PrinterCallback,
     Trainer,
-    TrainerCallback,
     TrainerState,
     TrainingArguments,
     set_seed,
@@ -65,12 +61,12 @@ from transformers.utils import logging as hf_logging
 from lmline import progress
 from lmline.config import Params, PretrainConfig
 from lmline.errors import LmlineError
-from lmline.io import atomic_path, read_json, write_json
+from lmline.io import atomic_path, read_json
+from tasks import resume
+from tasks.resume import CLOCK_FILE, TrainingClock, checkpoint_step, resume_point  # noqa: F401  (this stage's API)
 
 log = logging.getLogger("lmline.pretrain")
 
-CLOCK_FILE = "clock.json"  # written last into each checkpoint: its presence marks the checkpoint complete
-FINGERPRINT_FILE = "fingerprint.json"
 KEEP_CHECKPOINTS = 2  # a run killed while saving leaves the newest half-written; the one before is used
 
 
@@ -204,89 +200,12 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
 
 
-class TrainingClock(TrainerCallback):
-    """Training seconds, earlier attempts included, evaluation and checkpoint writes excluded. Stops
-    training at the budget, records the seconds as each checkpoint's last file, logs progress."""
-
-    def __init__(self, budget_s: float, already_s: float = 0.0):
-        self.budget_s, self.already_s = budget_s, already_s
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.mark = 0.0  # when the last step ended, or the last pause was accounted
-        self.paused = 0.0
-
-    def seconds(self) -> float:
-        if self.started is None:
-            return self.already_s
-        return self.already_s + (self.ended or time.perf_counter()) - self.started - self.paused
-
-    def this_attempt(self) -> float:
-        return self.seconds() - self.already_s
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = self.mark = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.ended = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.mark = time.perf_counter()
-        if self.seconds() >= self.budget_s:
-            # stop, and checkpoint as a step-budget stop does: a crash in the final evaluation or
-            # while saving the model then resumes with nothing left to train
-            control.should_training_stop = True
-            control.should_save = True
-
-    def _pause(self) -> None:
-        # The Trainer evaluates and saves between on_step_end and these hooks: take that time off.
-        now = time.perf_counter()
-        if self.started is not None and self.ended is None:
-            self.paused += now - self.mark
-        self.mark = now
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._pause()
-
-    def on_save(self, args, state, control, **kwargs):
-        self._pause()
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json(ckpt / CLOCK_FILE, {"train_seconds": self.seconds(), "step": state.global_step})
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float))
-            log.info("step %d %s (%.0f s trained)", state.global_step, shown, self.seconds())
-
-
 # ---------------------------------------------------------------- checkpoints / resume
 def fingerprint(params: Params, tokens_dir: Path, tokenizer_dir: Path) -> str:
     """What must match for a checkpoint to be resumed: the pretrain section, the seed, the data
     (meta.json holds each split's token and byte counts) and the tokenizer."""
-    h = hashlib.sha256()
-    h.update(json.dumps(params.pretrain.model_dump(mode="json"), sort_keys=True).encode())
-    h.update(str(params.project.seed).encode())
-    for path in [tokens_dir / "meta.json", *sorted(tokenizer_dir.glob("*.json"))]:
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
-def resume_point(ckpt_dir: Path, expected: str) -> Path | None:
-    """The newest complete checkpoint if `ckpt_dir` was written under the `expected` fingerprint;
-    otherwise empty the folder (a stale checkpoint must never leak into a fresh run) and return None."""
-    marker = ckpt_dir / FINGERPRINT_FILE
-    if marker.is_file() and read_json(marker).get("fingerprint") == expected:
-        complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / CLOCK_FILE).is_file()]
-        return max(complete, key=checkpoint_step, default=None)
-    if ckpt_dir.exists():
-        log.info("%s was written for other params or data: starting fresh", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    write_json(marker, {"fingerprint": expected})
-    return None
+    return resume.fingerprint(params.pretrain, params.project.seed,
+                              [tokens_dir / "meta.json", *sorted(tokenizer_dir.glob("*.json"))])
 
 
 # ---------------------------------------------------------------- trainer
@@ -398,11 +317,10 @@ def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trai
     with PartialState().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
         resume_from = resume_point(ckpt_dir, fingerprint(params, tokens_dir, tokenizer_dir))
     start_step = checkpoint_step(resume_from) if resume_from else 0
-    clock = TrainingClock(cfg.max_minutes * 60, read_json(resume_from / CLOCK_FILE)["train_seconds"] if resume_from else 0.0)
+    clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, logger=log)
 
-    # Killed after its last checkpoint: nothing is left to train (and the Trainer would take one step
-    # past max_steps), so load that checkpoint as it is.
-    finished = resume_from is not None and (start_step >= cfg.max_steps or clock.already_s >= clock.budget_s)
+    # Killed after its last checkpoint: nothing is left to train, so load that checkpoint as it is.
+    finished = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(resume_from) if finished else build_model(cfg, tokenizer)
     val_windows = TokenWindows(val_tokens, cfg.context, stride=cfg.context)
@@ -467,5 +385,5 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             trainer.model.save_pretrained(tmp)  # safetensors + config + generation config
             trainer.processing_class.save_pretrained(tmp)
         write_loss_csv(Path(outputs["loss"]), history)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
+        # The checkpoints stay until the shell has logged the run too (lmline.cli.run_stage deletes them).
     return metrics

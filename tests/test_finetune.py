@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -119,13 +120,21 @@ def run_finetune(params):
 def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace, make_params):
     toy_lm(workspace)
     write_toy_clean(workspace)
-    metrics, outputs = run_finetune(finetune_params(make_params, early_stopping_patience=1))
+    params = finetune_params(make_params, early_stopping_patience=1)
+    metrics, outputs = run_finetune(params)
 
     assert metrics["labels"] == ["fresh", "rotten"]
     assert metrics["val_accuracy"] == 1.0 and metrics["val_macro_f1"] == 1.0
     # val macro-F1 cannot beat 1.0: one more eval without improvement stops training
     assert metrics["stopped_by"] == "early_stopping" and metrics["steps"] == metrics["best_step"] + 10 < 40
     json.dumps(metrics)  # the shell writes it as JSON
+
+    # Killed after its last checkpoint, before the shell deleted it: the re-run trains nothing more
+    # and ends with the same best model and numbers.
+    again, _ = run_finetune(params)
+    assert (again["resumed_from_step"], metrics["resumed_from_step"]) == (metrics["steps"], 0)
+    drop = ("train_seconds", "resumed_from_step")
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in metrics.items() if k not in drop}
 
     with open(outputs["loss"]) as fh:
         history = list(csv.DictReader(fh))
@@ -149,7 +158,8 @@ def test_same_seed_same_metrics(workspace, make_params):
     toy_lm(workspace)
     write_toy_clean(workspace)
     params = finetune_params(make_params, max_steps=6, eval_every=3)
-    first, _ = run_finetune(params)
+    first, outputs = run_finetune(params)
+    shutil.rmtree(outputs["checkpoints"])  # as the shell does after logging: the next run starts fresh
     second, _ = run_finetune(params)
     drop = ("train_seconds",)
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
