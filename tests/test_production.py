@@ -85,8 +85,8 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def listening_addresses(procs: list[subprocess.Popen]) -> set[str]:
-    """Local addresses our processes (and their children) listen on."""
+def listening_addresses(procs: list[subprocess.Popen]) -> set[tuple[str, int]]:
+    """Local (address, port) pairs our processes (and their children) listen on."""
     import psutil
 
     addresses = set()
@@ -95,7 +95,7 @@ def listening_addresses(procs: list[subprocess.Popen]) -> set[str]:
             connections = psutil.Process(pid).net_connections(kind="inet")
         except psutil.NoSuchProcess:
             continue
-        addresses |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+        addresses |= {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
     return addresses
 
 
@@ -275,7 +275,8 @@ def prod(tmp_path_factory):
                                      "--name", f"{pool}-worker"], clone, {"LMLINE_WORKSPACE": str(clone)})
         with temporary_settings({PREFECT_API_URL: api}):
             yield {"root": root, "clones": clones, "mlflow": mlflow_url, "env": env, "logs": logs, "procs": procs,
-                   "s3": s3_url, "pg": pg}
+                   "s3": s3_url, "pg": pg,
+                   "ports": {"postgres": pg_port, "s3": s3_port, "prefect": prefect_port, "mlflow": mlflow_port}}
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -538,8 +539,11 @@ def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
     assert all(r.work_pool_name == "gpu" and r.state.is_completed() for r in stage_runs)
     assert all(r.parent_task_run_id is not None for r in stage_runs), "routed stages show as subflows of the retrain"
 
-    # PostgreSQL, S3 (moto), both servers and both workers
-    assert listening_addresses(prod["procs"]) == {"127.0.0.1"}, "servers and workers listen on loopback only"
+    # PostgreSQL, S3 (moto), both servers and both workers: the four servers were seen listening, and
+    # nothing of ours listens beyond loopback
+    listening = listening_addresses(prod["procs"])
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert set(prod["ports"].values()) <= {port for _, port in listening}, (prod["ports"], listening)
 
     # the gpu stages ran in the gpu worker's clone, and only there (training checkpoints are no DVC out:
     # they stay where training ran); the cpu stages' raw data never had to go there
