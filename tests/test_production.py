@@ -1,12 +1,18 @@
-"""Production on one machine: a real Prefect server and MLflow server on loopback ports, cpu and gpu
-process pools with one worker each in its own clone of a temp git repo, a shared local-directory DVC
-remote, the deployments from prefect.yaml (`lmline deploy`), a distributed retrain and the data trigger.
+"""Production on one machine: the production stack, real, on loopback ports. A throwaway PostgreSQL
+cluster holds the Prefect server's database and the MLflow server's backend store; moto's standalone
+server (`moto_server`) is the S3-compatible object store, standing in for AWS S3 (or MinIO): it holds
+MLflow's artifacts and the DVC remote. cpu and gpu process pools have one worker each in its own clone of
+a temp git repo; the deployments come from prefect.yaml (`lmline deploy`); then a distributed retrain and
+the data trigger.
 
+The server tests are marked `integration` (`make test-integration`, run by .ci/run after `make test`):
+they need Debian's `postgresql` installed (initdb/postgres; as root they run as its `postgres` user).
 Every process started here is stopped by process group (and any descendant that left the group, by
 PID) when the module ends, failed or not. Waits poll with deadlines; nothing sleeps a fixed time.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -15,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +36,9 @@ from lmline.errors import LmlineError
 
 BIN = Path(sys.executable).parent
 GPU_STAGES = {"pretrain", "finetune", "evaluate"}
+BUCKET = "lmline"
+# dummy credentials for moto: it accepts any, and no real AWS account is ever reached (endpoints are loopback)
+S3_ENV = {"AWS_ACCESS_KEY_ID": "lmline-test", "AWS_SECRET_ACCESS_KEY": "lmline-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 # ---------------------------------------------------------------- processes
@@ -75,8 +85,8 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def listening_addresses(procs: list[subprocess.Popen]) -> set[str]:
-    """Local addresses our processes (and their children) listen on."""
+def listening_addresses(procs: list[subprocess.Popen]) -> set[tuple[str, int]]:
+    """Local (address, port) pairs our processes (and their children) listen on."""
     import psutil
 
     addresses = set()
@@ -85,7 +95,7 @@ def listening_addresses(procs: list[subprocess.Popen]) -> set[str]:
             connections = psutil.Process(pid).net_connections(kind="inet")
         except psutil.NoSuchProcess:
             continue
-        addresses |= {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+        addresses |= {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
     return addresses
 
 
@@ -121,16 +131,54 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 # ---------------------------------------------------------------- the installation
+def postgres_bin() -> Path:
+    """Debian's PostgreSQL server binaries (package `postgresql`; .ci/run installs it where it is missing)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (the production tests start a cluster)")
+    return Path(found[-1]).parent
+
+
+def as_postgres_user() -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its binaries as Debian's `postgres` system user."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+
+
+def s3_keys(endpoint: str, prefix: str) -> list[str]:
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def sql(url: str, query: str):
+    import psycopg2
+
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        return cur.fetchone()[0]
+
+
 @pytest.fixture(scope="module")
-def prod(tmp_path_factory, mlflow_template):
+def prod(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("prod")
-    prefect_port, mlflow_port = free_port(), free_port()
+    pg_port, s3_port, prefect_port, mlflow_port = free_port(), free_port(), free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    pg_password = "lmline-test"
+    pg = {db: f"postgresql://lmline:{pg_password}@127.0.0.1:{pg_port}/{db}" for db in ("prefect", "mlflow")}
     env = {
         **os.environ,
+        **S3_ENV,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_HOME": str(root / "prefect-home"),
         "PREFECT_API_URL": api,
@@ -141,25 +189,17 @@ def prod(tmp_path_factory, mlflow_template):
         "MLFLOW_TRACKING_URI": mlflow_url,
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # the trigger's quiet window is checked every second
+        # no ~/.aws file may add a profile or endpoint: the S3 endpoints are the loopback ones set here
+        "AWS_CONFIG_FILE": str(root / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid",
     }
     env.pop("LMLINE_PARENT_RUN_ID", None)
 
-    # one origin repo; the cpu worker's clone is the retrain flow's workspace, the gpu worker has its own
-    # quiet_seconds: wide enough that the two `lmline data add` calls below (~7 s apart here) form one burst
-    params = tiny_params(orchestration={"retries": {}, "mode": "distributed", "trigger": {"quiet_seconds": 20}})
-    origin = make_dvc_repo(root / "origin", params)
-    shutil.copy(REPO / "prefect.yaml", origin / "prefect.yaml")
-    sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(root / "dvc-remote")], origin, env)
-    sh(["git", "add", "-A"], origin, env)
-    sh(["git", "commit", "-q", "-m", "production config"], origin, env)
-    clones = {pool: root / pool for pool in ("cpu", "gpu")}
-    for clone in clones.values():
-        sh(["git", "clone", "-q", str(origin), str(clone)], root, env)
-
-    shutil.copy(mlflow_template, root / "mlflow.db")  # migrated already: the server starts sooner
     logs, procs = root / "logs", []
     logs.mkdir()
+    # the cluster's directory is outside pytest's temp dir: that one is private to root, and postgres runs
+    # as the postgres user when we are root
+    pg_dir = Path(tempfile.mkdtemp(prefix="lmline-pg-"))
 
     def start(name: str, cmd: list[str], cwd: Path, extra: dict | None = None) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "w")
@@ -170,25 +210,77 @@ def prod(tmp_path_factory, mlflow_template):
         return proc
 
     try:
+        # PostgreSQL: a throwaway cluster, password auth, listening on 127.0.0.1 only (-k: its Unix socket
+        # in the cluster's directory, not /var/run/postgresql). fsync off: the data dies with the test.
+        pg_bin = postgres_bin()
+        (pg_dir / "pwfile").write_text(pg_password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pg_dir, "postgres")
+            shutil.chown(pg_dir / "pwfile", "postgres")
+        started = time.perf_counter()
+        sh([*as_postgres_user(), str(pg_bin / "initdb"), "-D", str(pg_dir / "data"), "-U", "lmline",
+            "--pwfile", str(pg_dir / "pwfile"), "--auth", "scram-sha-256", "-E", "UTF8", "--no-sync"], pg_dir, env)
+        postgres = start("postgres", [*as_postgres_user(), str(pg_bin / "postgres"), "-D", str(pg_dir / "data"),
+                                      "-h", "127.0.0.1", "-p", str(pg_port), "-k", str(pg_dir), "-c", "fsync=off"],
+                         pg_dir)
+        wait_until(lambda: subprocess.run([str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(pg_port)]
+                                          ).returncode == 0, "PostgreSQL", 60, [postgres])
+        for db in pg:
+            sh([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "lmline", db], root,
+               {**env, "PGPASSWORD": pg_password})
+        print(f"\nPostgreSQL: initdb, start and two databases in {time.perf_counter() - started:.1f}s")
+
+        # the object store: moto's S3, standing in for AWS S3 / MinIO
+        started = time.perf_counter()
+        s3 = start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], root)
+        wait_until(healthy(f"{s3_url}/moto-api/"), "the S3 server (moto)", 60, [s3])
+        s3_client(s3_url).create_bucket(Bucket=BUCKET)
+        print(f"S3 (moto_server): started, bucket created in {time.perf_counter() - started:.1f}s")
+
+        # one origin repo; the cpu worker's clone is the retrain flow's workspace, the gpu worker has its own
+        # quiet_seconds: wide enough that the two `lmline data add` calls below (~7 s apart here) form one burst
+        params = tiny_params(orchestration={"retries": {}, "mode": "distributed", "trigger": {"quiet_seconds": 20}})
+        origin = make_dvc_repo(root / "origin", params)
+        shutil.copy(REPO / "prefect.yaml", origin / "prefect.yaml")
+        sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", f"s3://{BUCKET}/dvc"], origin, env)
+        sh([sys.executable, "-m", "dvc", "remote", "modify", "store", "endpointurl", s3_url], origin, env)
+        sh(["git", "add", "-A"], origin, env)
+        sh(["git", "commit", "-q", "-m", "production config"], origin, env)
+        clones = {pool: root / pool for pool in ("cpu", "gpu")}
+        for clone in clones.values():
+            sh(["git", "clone", "-q", str(origin), str(clone)], root, env)
+
         servers = [
+            postgres, s3,
             start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(prefect_port)], root),
+                                     "--port", str(prefect_port)], root,
+                  {"PREFECT_SERVER_DATABASE_CONNECTION_URL": pg["prefect"].replace("postgresql:", "postgresql+asyncpg:")}),
+            # artifacts are proxied by the server (--artifacts-destination): only the server needs the S3
+            # endpoint; the workers need the S3 credentials for DVC
             start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                                    "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"], root),
+                                    # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
+                                    "--backend-store-uri", pg["mlflow"].replace("postgresql:", "postgresql+psycopg2:"),
+                                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"], root,
+                  {"MLFLOW_S3_ENDPOINT_URL": s3_url}),
         ]
+        started = time.perf_counter()
         wait_until(healthy(f"{api}/health"), "the Prefect server", 180, servers)
+        print(f"Prefect server on PostgreSQL healthy after {time.perf_counter() - started:.1f}s")
         wait_until(healthy(f"{mlflow_url}/health"), "the MLflow server", 180, servers)
+        print(f"MLflow server on PostgreSQL + S3 healthy after {time.perf_counter() - started:.1f}s")
         deployed = json.loads(sh([str(BIN / "lmline"), "deploy"], clones["cpu"], env))
         assert deployed["deployments"] == ["retrain/retrain", "run-stage/run-stage"]
         for pool, clone in clones.items():
             start(f"{pool}-worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1",
                                      "--name", f"{pool}-worker"], clone, {"LMLINE_WORKSPACE": str(clone)})
         with temporary_settings({PREFECT_API_URL: api}):
-            yield {"root": root, "clones": clones, "mlflow": mlflow_url, "env": env, "logs": logs, "procs": procs}
+            yield {"root": root, "clones": clones, "mlflow": mlflow_url, "env": env, "logs": logs, "procs": procs,
+                   "s3": s3_url, "pg": pg,
+                   "ports": {"postgres": pg_port, "s3": s3_port, "prefect": prefect_port, "mlflow": mlflow_port}}
     finally:
         for proc in reversed(procs):
             stop(proc)
+        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def flow_runs(deployment: str):
@@ -430,6 +522,7 @@ def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, m
 
 # ---------------------------------------------------------------- tests with real servers
 @pytest.mark.slow
+@pytest.mark.integration
 def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
     from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
@@ -446,7 +539,11 @@ def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
     assert all(r.work_pool_name == "gpu" and r.state.is_completed() for r in stage_runs)
     assert all(r.parent_task_run_id is not None for r in stage_runs), "routed stages show as subflows of the retrain"
 
-    assert listening_addresses(prod["procs"]) == {"127.0.0.1"}, "servers and workers listen on loopback only"
+    # PostgreSQL, S3 (moto), both servers and both workers: the four servers were seen listening, and
+    # nothing of ours listens beyond loopback
+    listening = listening_addresses(prod["procs"])
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert set(prod["ports"].values()) <= {port for _, port in listening}, (prod["ports"], listening)
 
     # the gpu stages ran in the gpu worker's clone, and only there (training checkpoints are no DVC out:
     # they stay where training ran); the cpu stages' raw data never had to go there
@@ -473,8 +570,19 @@ def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
     revisions = {r.parameters["stage"]: r.parameters["revision"] for r in stage_runs}
     assert {r.info.run_name: r.data.tags["git.commit"] for r in nested if r.info.run_name in GPU_STAGES} == revisions
 
+    # the state lives in the production stores: Prefect's and MLflow's rows in PostgreSQL, the model's files
+    # and the DVC cache in the object store
+    assert sql(prod["pg"]["prefect"], "SELECT count(*) FROM flow_run") >= 1 + len(GPU_STAGES)
+    assert sql(prod["pg"]["mlflow"], "SELECT count(*) FROM runs") == 1 + len(nested)
+    assert sql(prod["pg"]["mlflow"], "SELECT count(*) FROM model_versions") >= 1
+    model_files = s3_keys(prod["s3"], "mlflow/")
+    assert any(k.endswith("/MLmodel") for k in model_files), model_files[:20]
+    assert any(k.endswith("/model.safetensors") for k in model_files), model_files[:20]
+    assert s3_keys(prod["s3"], "dvc/files/md5/"), "the stages' data went through the S3 DVC remote"
+
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_new_data_triggers_one_retrain(prod):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolUpdate
@@ -494,7 +602,8 @@ def test_new_data_triggers_one_retrain(prod):
              for f, s in (("doc900.txt", "docs"), ("reviews.jsonl", "reviews"))]
     assert all(a["event"] for a in added)
     assert (cpu / "corpus/docs.dvc").exists() and (cpu / "corpus/docs/doc900.txt").exists()
-    assert (prod["root"] / "dvc-remote").is_dir()
+    on_s3 = set(s3_keys(prod["s3"], "dvc/"))
+    assert {f"dvc/files/md5/{a['md5'][:2]}/{a['md5'][2:]}" for a in added} <= on_s3, "the added data is on the S3 remote"
 
     triggered = wait_until(lambda: [r for r in flow_runs("retrain/retrain") if r.id not in before],
                            "a retrain run created by the data trigger", 90)
