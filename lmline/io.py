@@ -39,7 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not (tmp.exists() or tmp.is_symlink()):
             raise LmlineError(f"{path}: nothing was written in its place, so the old one is kept")
-        if tmp.is_dir() or path.is_dir():
+        if path.is_dir() or (tmp.is_dir() and (path.exists() or path.is_symlink())):
             # A directory cannot be renamed over: move the old one into the scratch folder (it goes with
             # it), and back if the rename fails.
             old = scratch / f"{path.name}.old"
