@@ -3,14 +3,17 @@ torchrun (2 CPU processes, gloo here); the Trainer runs DDP and rank 0 alone wri
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 
 import mlflow
+import psutil
 import pytest
 
 from conftest import BIN
 from test_faults import stage_env
-from test_pretrain import stage, tokenized  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
+from test_pretrain import complete_checkpoints, stage, tokenized  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
 
 STEPS = 12
 SHAPE = {"max_steps": STEPS, "eval_every": 6, "checkpoint_every": 6, "log_every": 3, "warmup_steps": 2}
@@ -59,3 +62,30 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
     by_id = {r.info.run_id: r for r in runs}
     logged = by_id[ddp["mlflow_run_id"]]
     assert logged.info.status == "FINISHED" and logged.data.metrics["devices"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, workspace):  # noqa: F811
+    stage(**{**SHAPE, "max_steps": 60})
+    ddp = ["--set", "pretrain.batch_size=4", "--set", "pretrain.devices=2"]
+    ckpt_dir = workspace / "checkpoints/pretrain"
+    launcher = subprocess.Popen([str(BIN / "lmline"), "stage", "pretrain", *ddp], cwd=workspace,
+                                env=stage_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not complete_checkpoints(ckpt_dir) and launcher.poll() is None:
+            time.sleep(0.02)
+        started = psutil.Process(launcher.pid).children(recursive=True)  # torchrun, its 2 workers, the guard's watcher
+        launcher.send_signal(signal.SIGKILL)
+    finally:
+        _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{err.decode()[-2000:]}"
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left running after the launcher died: {[p.cmdline()[:4] for p in alive]}"
+    # orphaned workers would have finished the run: written the model, deleted the checkpoints
+    assert not (workspace / "models/pretrain").exists(), "the workers outlived the launcher and finished"
+    last = complete_checkpoints(ckpt_dir)[-1]
+
+    metrics, _ = run_stage(workspace, "pretrain.batch_size=4", "pretrain.devices=2")
+    assert metrics["resumed_from_step"] == last > 0
+    assert (metrics["steps"], metrics["devices"]) == (60, 2)
+    assert (workspace / "models/pretrain/model.safetensors").is_file()
