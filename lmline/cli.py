@@ -127,8 +127,37 @@ def stage(
     if name not in config.STAGES:
         raise LmlineError(f"unknown stage {name!r} (stages: {', '.join(config.STAGES)})")
     cfg = load_params(params, set_)
+    devices = getattr(cfg.section(name), "devices", 1)
+    if devices > 1 and "WORLD_SIZE" not in os.environ:
+        code = launch_distributed(name, devices, params, set_)
+        if code:
+            raise typer.Exit(code)
+        return
     metrics = run_stage(name, cfg)
-    typer.echo(json.dumps({name: metrics}, indent=2, sort_keys=True))
+    if int(os.environ.get("RANK", "0")) == 0:  # one result, not one per process
+        typer.echo(json.dumps({name: metrics}, indent=2, sort_keys=True))
+
+
+def launch_distributed(name: str, devices: int, params: Path, overrides: list[str] | None) -> int:
+    """Run this same `lmline stage NAME` as `devices` processes under torchrun on this machine (DDP:
+    the Trainer sees WORLD_SIZE and RANK; rank 0 alone writes outputs and the MLflow run, see
+    run_stage). Returns the launcher's exit code: non-zero when any process failed."""
+    import subprocess
+
+    from flows import guard
+
+    guard.watch_children()  # a kill -9 of this launcher takes torchrun and its workers with it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "lmline.cli", "stage", name, "--params", str(params)]
+    for item in overrides or []:
+        cmd += ["--set", item]
+    env = dict(os.environ)
+    # One machine: keep the rendezvous and gloo's sockets on loopback (--standalone rendezvous at
+    # localhost; gloo would otherwise pick the interface the hostname resolves to).
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
+    logging.getLogger("lmline.cli").info("%s: %d processes under torchrun", name, devices)
+    return subprocess.run(cmd, env=env).returncode
 
 
 @app.command()

@@ -311,7 +311,7 @@ class PretrainConfig(Section):
     context: Annotated[int, Field(ge=8)] = 128  # tokens per training window; the model's maximum input
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout probability (0 = none: short runs do not overfit)
     tie_embeddings: bool = True  # share the input embedding and output projection weights
-    batch_size: Annotated[int, Field(ge=1)] = 8  # per device
+    batch_size: Annotated[int, Field(ge=1)] = 8  # per device: the global batch is batch_size × grad_accum × devices
     grad_accum: Annotated[int, Field(ge=1)] = 1  # micro-batches per optimizer step
     lr: Annotated[float, Field(gt=0)] = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine decay ends at lr × this
@@ -327,6 +327,7 @@ class PretrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the model (pays off on a GPU, not in a short CPU run)
     peak_flops: Annotated[float, Field(gt=0)] = 3.2e11  # for the MFU estimate; set to your hardware's peak
+    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it under torchrun (DDP)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -347,7 +348,7 @@ class FinetuneConfig(Section):
     mask_prompt: bool = False  # causal-lm: no loss on text before `prompt_separator`
     prompt_separator: str = "\n### Response:\n"  # causal-lm with mask_prompt: where the prompt ends
     max_length: Annotated[int, Field(ge=8)] = 128  # tokens per example (capped at the model's context)
-    batch_size: Annotated[int, Field(ge=1)] = 32  # examples per step
+    batch_size: Annotated[int, Field(ge=1)] = 32  # examples per step and device: the global batch is batch_size × devices
     lr: Annotated[float, Field(gt=0)] = 1e-3  # peak learning rate (cosine schedule)
     weight_decay: Annotated[float, Field(ge=0)] = 0.01  # AdamW weight decay
     warmup_steps: Annotated[int, Field(ge=0)] = 20  # linear warm-up steps
@@ -355,6 +356,7 @@ class FinetuneConfig(Section):
     max_minutes: Annotated[float, Field(gt=0)] = 3.0  # training-time budget (evaluation and checkpoints excluded), summed over resumed attempts
     eval_every: Annotated[int, Field(ge=1)] = 100  # also the checkpoint interval (the best one is kept)
     early_stopping_patience: Annotated[int, Field(ge=1)] = 3  # evals without a better val metric
+    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it under torchrun (DDP)
 
     @model_validator(mode="after")
     def _evals_happen(self):
@@ -484,6 +486,16 @@ class Params(Section):
         ft = [s.name for s in self.ingest.sources if s.role == "finetune"]
         if self.finetune.source is not None and self.finetune.source not in ft:
             raise ValueError(f"finetune.source {self.finetune.source!r} is not a finetune-role source ({ft})")
+        orch = self.orchestration
+        if orch.mode == "distributed":
+            gpus = len(orch.work_pools.gpu_devices.split(","))
+            for name in ("pretrain", "finetune"):
+                devices = self.section(name).devices
+                if orch.pool_of(name) == "gpu" and devices > gpus:
+                    raise ValueError(
+                        f"{name}.devices ({devices}) exceeds the GPUs the gpu pool gives a stage: "
+                        f"orchestration.work_pools.gpu_devices lists {gpus} ({orch.work_pools.gpu_devices!r})"
+                    )
         fits = TASK_METRICS[self.finetune.task]
         if self.promote.metric not in ("auto", *fits):
             raise ValueError(f"promote.metric {self.promote.metric!r} does not fit finetune.task {self.finetune.task!r} "

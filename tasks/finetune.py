@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import transformers
-from accelerate import PartialState
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -198,6 +197,7 @@ def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric
         data_seed=seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **resume.device_args(),
         disable_tqdm=True,
     )
 
@@ -308,7 +308,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 
     # Same params and data as the checkpoints: a killed run continues; anything else starts fresh.
     ckpt_dir = Path(outputs["checkpoints"])
-    with PartialState().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
+    with resume.processes().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
         resume_from = resume.resume_point(ckpt_dir, fingerprint(params, inputs))
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
     if resume_from:
@@ -328,15 +328,18 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
     result = fit(trainer, clock, resume_from, done, cfg.max_steps)
 
-    write_history(outputs["loss"], result.pop("history"))
-    with atomic_path(outputs["model"]) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / INFO_FILE, {"task": cfg.task, "source": source, "labels": labels, "max_length": max_length})
+    history = result.pop("history")
+    if trainer.is_world_process_zero():  # several processes (torchrun): one writes the outputs
+        write_history(outputs["loss"], history)
+        with atomic_path(outputs["model"]) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / INFO_FILE, {"task": cfg.task, "source": source, "labels": labels, "max_length": max_length})
 
     final = result.pop("final")
     metrics = {"task": cfg.task, "source": source, "train_examples": len(train), "val_examples": len(val), **result}
     metrics["val_loss"] = final["eval_loss"]
+    metrics["devices"] = trainer.args.world_size
     if cfg.task == "classification":
         metrics.update(labels=labels, val_accuracy=final["eval_accuracy"], val_macro_f1=final["eval_macro_f1"])
     else:

@@ -27,11 +27,12 @@ Training is `transformers.Trainer` with our own AdamW and LR schedule:
   the split's bytes per token from meta.json. The CSV's periodic val_loss uses the first
   `eval_batches` batches of the same windows, so the curve is comparable from row to row.
 
-Several GPUs: launch the same stage under torchrun or accelerate; the Trainer runs DDP and only
-rank 0 writes outputs:
-    torchrun --nproc_per_node 8 -m lmline.cli stage pretrain
-    accelerate launch --num_processes 8 -m lmline.cli stage pretrain
-`batch_size` is per device: the global batch is batch_size x grad_accum x devices.
+Several devices: `pretrain.devices: N` makes `lmline stage pretrain` relaunch itself under torchrun
+with N processes (lmline.cli.launch_distributed); the Trainer runs DDP (NCCL on GPUs, gloo on CPUs),
+the DistributedSampler splits each step's windows, and only rank 0 writes the model, the loss CSV,
+the checkpoints and the MLflow run. `batch_size` is per device: the global batch is
+batch_size x grad_accum x devices, and `devices` is in the checkpoint fingerprint (another global
+batch is another run).
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -247,6 +247,7 @@ def training_args(cfg: PretrainConfig, seed: int, output_dir: Path) -> TrainingA
         prediction_loss_only=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        **resume.device_args(),
     )
 
 
@@ -314,7 +315,7 @@ def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trai
     val_tokens = load_split(tokens_dir, meta, "val", cfg.context)
     tokenizer = load_tokenizer(tokenizer_dir, meta, tokens_dir)
 
-    with PartialState().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
+    with resume.processes().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
         resume_from = resume_point(ckpt_dir, fingerprint(params, tokens_dir, tokenizer_dir))
     start_step = checkpoint_step(resume_from) if resume_from else 0
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, logger=log)

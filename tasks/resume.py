@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
 from pydantic import BaseModel
 from transformers import TrainerCallback
 
@@ -43,6 +46,22 @@ def fingerprint(section: BaseModel, seed: int, files: list[Path]) -> str:
         with open(path, "rb") as fh:
             h.update(path.name.encode() + hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()
+
+
+def processes() -> PartialState:
+    """This process's place among the stage's processes (one, or torchrun's world). Without a GPU,
+    accelerate treats torchrun's processes as distributed only when told `cpu`: they then join a gloo
+    group, so `main_process_first()` really makes the other ranks wait for rank 0."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def device_args() -> dict:
+    """TrainingArguments that make the Trainer run DDP across torchrun's processes: on CPUs (gloo)
+    as on GPUs (NCCL, the default there). Without `use_cpu` transformers 5 leaves CPU processes
+    unaware of each other: each trains alone."""
+    on_cpu = not torch.cuda.is_available()
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a backend for one process makes accelerate ask for a group
+    return {"use_cpu": on_cpu, "ddp_backend": "gloo" if on_cpu and several else None}
 
 
 def checkpoint_step(path: Path) -> int:

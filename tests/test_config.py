@@ -53,6 +53,20 @@ def test_cross_field_rules(make_params):
         config.load(path, ["clean.split.val=0.6", "clean.split.test=0.5"])
 
 
+def test_devices_fit_the_gpu_pool_in_distributed_mode(make_params):
+    _, path = make_params(MINIMAL)
+    with pytest.raises(ConfigError, match=r"^params.yaml: pretrain.devices must be >= 1 \(got 0\)$"):
+        config.load(path, ["pretrain.devices=0"])
+    two_gpus = ["orchestration.mode=distributed", "orchestration.work_pools.gpu_devices='0,1'"]
+    assert config.load(path, [*two_gpus, "pretrain.devices=2", "finetune.devices=2"]).pretrain.devices == 2
+    with pytest.raises(ConfigError, match=r"finetune.devices \(3\) exceeds the GPUs the gpu pool gives a stage: "
+                                          r"orchestration.work_pools.gpu_devices lists 2"):
+        config.load(path, [*two_gpus, "finetune.devices=3"])
+    # a stage routed to cpu, or local mode, is not bound by the gpu pool's devices
+    assert config.load(path, [*two_gpus, "finetune.devices=3", "orchestration.pools.finetune=cpu"]).finetune.devices == 3
+    assert config.load(path, ["pretrain.devices=4"]).pretrain.devices == 4
+
+
 def test_overrides_are_parsed_as_yaml_and_malformed_ones_rejected(make_params):
     _, path = make_params(MINIMAL)
     params = config.load(path, ["pretrain.lr=1e-3", "pretrain.compile=true"])
