@@ -340,7 +340,10 @@ def promote(
     import getpass
 
     from flows import promotion
+    from lmline import tracking
 
+    # An unknown model or version fails here, in one line, before a Prefect server is needed for the slot.
+    tracking.version_tags(name, version)
     with promotion.promotion_slot():  # the slot the automatic gate takes: never two moves at once
         result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
     typer.echo(json.dumps(result))
