@@ -74,7 +74,7 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
     module = importlib.import_module(f"tasks.{name}")
     inputs, outputs = config.stage_io(params, name)
     if int(os.environ.get("RANK", "0")) != 0:
-        # Under torchrun/accelerate every rank runs this; only rank 0 writes metrics and talks to MLflow.
+        # Under launch_distributed every rank runs this; only rank 0 writes metrics and talks to MLflow.
         return module.run(params, inputs, outputs)
     with tracking.stage_run(name, params, root) as tracked:
         started = time.perf_counter()
@@ -139,25 +139,64 @@ def stage(
 
 
 def launch_distributed(name: str, devices: int, params: Path, overrides: list[str] | None) -> int:
-    """Run this same `lmline stage NAME` as `devices` processes under torchrun on this machine (DDP:
-    the Trainer sees WORLD_SIZE and RANK; rank 0 alone writes outputs and the MLflow run, see
-    run_stage). Returns the launcher's exit code: non-zero when any process failed."""
+    """Run this same `lmline stage NAME` as `devices` processes on this machine (DDP: the Trainer sees
+    WORLD_SIZE and RANK; rank 0 alone writes outputs and the MLflow run, see run_stage). Returns the
+    exit code: 0, or the code of the first process that failed (the others are then stopped).
+
+    The processes are started here, not by torchrun: torchrun's rendezvous TCPStore listens on every
+    interface (torch has no bind-address option), and nothing of a run may listen beyond loopback.
+    They meet through a file instead (LMLINE_DIST_STORE, a FileStore: tasks/resume.join_processes),
+    and gloo's own sockets stay on loopback (GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)."""
     import subprocess
+    import tempfile
 
     from flows import guard
 
-    guard.watch_children()  # a kill -9 of this launcher takes torchrun and its workers with it
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-           "-m", "lmline.cli", "stage", name, "--params", str(params)]
+    guard.watch_children()  # a kill -9 of this launcher takes its workers with it
+    cmd = [sys.executable, "-m", "lmline.cli", "stage", name, "--params", str(params)]
     for item in overrides or []:
         cmd += ["--set", item]
     env = dict(os.environ)
-    # One machine: keep the rendezvous and gloo's sockets on loopback (--standalone rendezvous at
-    # localhost; gloo would otherwise pick the interface the hostname resolves to).
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # else gloo picks the interface the hostname resolves to
+    env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL's bootstrap sockets, on GPUs
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
-    logging.getLogger("lmline.cli").info("%s: %d processes under torchrun", name, devices)
-    return subprocess.run(cmd, env=env).returncode
+    logging.getLogger("lmline.cli").info("%s: %d processes", name, devices)
+    with tempfile.TemporaryDirectory(prefix="lmline-dist-") as rendezvous:
+        store = os.path.join(rendezvous, "store")  # must not exist yet: the first process creates it
+        workers = [
+            subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(devices),
+                                       "LOCAL_WORLD_SIZE": str(devices), "LMLINE_DIST_STORE": store})
+            for rank in range(devices)
+        ]
+        return wait_all(workers)
+
+
+def wait_all(workers: list) -> int:
+    """Wait for every process; when one fails, stop the others (they would wait for it forever in
+    the next collective) and return its exit code."""
+    import subprocess
+
+    running = list(workers)
+    try:
+        while running:
+            for worker in list(running):
+                code = worker.poll()
+                if code is None:
+                    continue
+                running.remove(worker)
+                if code != 0:
+                    return code if code > 0 else 128 - code  # killed by a signal: the shell's 128+N
+            time.sleep(0.2)
+        return 0
+    finally:
+        for worker in running:
+            worker.terminate()
+        for worker in running:
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 @app.command()

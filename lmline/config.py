@@ -327,7 +327,7 @@ class PretrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the model (pays off on a GPU, not in a short CPU run)
     peak_flops: Annotated[float, Field(gt=0)] = 3.2e11  # for the MFU estimate; set to your hardware's peak
-    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it under torchrun (DDP)
+    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it as N local processes (DDP)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -356,7 +356,7 @@ class FinetuneConfig(Section):
     max_minutes: Annotated[float, Field(gt=0)] = 3.0  # training-time budget (evaluation and checkpoints excluded), summed over resumed attempts
     eval_every: Annotated[int, Field(ge=1)] = 100  # also the checkpoint interval (the best one is kept)
     early_stopping_patience: Annotated[int, Field(ge=1)] = 3  # evals without a better val metric
-    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it under torchrun (DDP)
+    devices: Annotated[int, Field(ge=1)] = 1  # processes (GPUs) the stage trains on; > 1 relaunches it as N local processes (DDP)
 
     @model_validator(mode="after")
     def _evals_happen(self):

@@ -104,7 +104,7 @@ def training_bar(max_steps: int, seconds_left: Callable[[], float] | None = None
 
     class TrainingBar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            # one bar per training, not per process (torchrun starts one process per device)
+            # one bar per training, not per process (launch_distributed starts one process per device)
             self.bar = bar(total=max_steps, initial=state.global_step, desc=desc, unit="step", show=state.is_world_process_zero)
             self.first_step, self.started = state.global_step, time.perf_counter()
 

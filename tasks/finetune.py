@@ -308,7 +308,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 
     # Same params and data as the checkpoints: a killed run continues; anything else starts fresh.
     ckpt_dir = Path(outputs["checkpoints"])
-    with resume.processes().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
+    with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
         resume_from = resume.resume_point(ckpt_dir, fingerprint(params, inputs))
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
     if resume_from:
@@ -329,7 +329,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     result = fit(trainer, clock, resume_from, done, cfg.max_steps)
 
     history = result.pop("history")
-    if trainer.is_world_process_zero():  # several processes (torchrun): one writes the outputs
+    if trainer.is_world_process_zero():  # several processes (launch_distributed): one writes the outputs
         write_history(outputs["loss"], history)
         with atomic_path(outputs["model"]) as tmp:
             trainer.model.save_pretrained(tmp)

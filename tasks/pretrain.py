@@ -27,10 +27,10 @@ Training is `transformers.Trainer` with our own AdamW and LR schedule:
   the split's bytes per token from meta.json. The CSV's periodic val_loss uses the first
   `eval_batches` batches of the same windows, so the curve is comparable from row to row.
 
-Several devices: `pretrain.devices: N` makes `lmline stage pretrain` relaunch itself under torchrun
-with N processes (lmline.cli.launch_distributed); the Trainer runs DDP (NCCL on GPUs, gloo on CPUs),
-the DistributedSampler splits each step's windows, and only rank 0 writes the model, the loss CSV,
-the checkpoints and the MLflow run. `batch_size` is per device: the global batch is
+Several devices: `pretrain.devices: N` makes `lmline stage pretrain` relaunch itself as N
+processes on this machine (lmline.cli.launch_distributed, a file rendezvous); the Trainer runs DDP
+(NCCL on GPUs, gloo on CPUs), the DistributedSampler splits each step's windows, and only rank 0
+writes the model, the loss CSV, the checkpoints and the MLflow run. `batch_size` is per device: the global batch is
 batch_size x grad_accum x devices, and `devices` is in the checkpoint fingerprint (another global
 batch is another run).
 """
@@ -315,7 +315,7 @@ def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trai
     val_tokens = load_split(tokens_dir, meta, "val", cfg.context)
     tokenizer = load_tokenizer(tokenizer_dir, meta, tokens_dir)
 
-    with resume.processes().main_process_first():  # several processes (torchrun): rank 0 decides, then the rest
+    with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
         resume_from = resume_point(ckpt_dir, fingerprint(params, tokens_dir, tokenizer_dir))
     start_step = checkpoint_step(resume_from) if resume_from else 0
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, logger=log)

@@ -48,15 +48,37 @@ def fingerprint(section: BaseModel, seed: int, files: list[Path]) -> str:
     return h.hexdigest()
 
 
+STORE_ENV = "LMLINE_DIST_STORE"  # the rendezvous file lmline.cli.launch_distributed gives its processes
+
+
+def join_processes() -> None:
+    """Join the process group of `lmline.cli.launch_distributed`'s processes, through the file it
+    names (a FileStore): no TCP rendezvous store, so nothing listens beyond loopback. accelerate and
+    the Trainer then find the group initialised and use it. Nothing to do for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
+        return
+    store = os.environ.get(STORE_ENV)
+    if not store:
+        # Started by another launcher (torchrun, accelerate launch): accelerate joins its group itself.
+        return
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL binds each rank to its GPU
+    torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo", init_method=f"file://{store}",
+                                         rank=int(os.environ["RANK"]), world_size=world)
+
+
 def processes() -> PartialState:
-    """This process's place among the stage's processes (one, or torchrun's world). Without a GPU,
-    accelerate treats torchrun's processes as distributed only when told `cpu`: they then join a gloo
+    """This process's place among the stage's processes (one, or launch_distributed's world). Without
+    a GPU, accelerate treats the processes as distributed only when told `cpu`: they then use the gloo
     group, so `main_process_first()` really makes the other ranks wait for rank 0."""
+    join_processes()
     return PartialState(cpu=not torch.cuda.is_available())
 
 
 def device_args() -> dict:
-    """TrainingArguments that make the Trainer run DDP across torchrun's processes: on CPUs (gloo)
+    """TrainingArguments that make the Trainer run DDP across launch_distributed's processes: on CPUs (gloo)
     as on GPUs (NCCL, the default there). Without `use_cpu` transformers 5 leaves CPU processes
     unaware of each other: each trains alone."""
     on_cpu = not torch.cuda.is_available()

@@ -1,10 +1,13 @@
-"""Training on several devices: `pretrain.devices: 2` makes `lmline stage pretrain` relaunch itself under
-torchrun (2 CPU processes, gloo here); the Trainer runs DDP and rank 0 alone writes and logs."""
+"""Training on several devices: `pretrain.devices: 2` makes `lmline stage pretrain` relaunch itself as 2
+processes (CPU, gloo here) meeting through a file; the Trainer runs DDP and rank 0 alone writes and logs.
+Nothing of the run listens beyond loopback (issue 13)."""
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import sys
+import threading
 import time
 
 import mlflow
@@ -25,13 +28,41 @@ SHAPE = {"max_steps": STEPS, "eval_every": 6, "checkpoint_every": 6, "log_every"
 LOSS_TOLERANCE = 0.02
 
 
-def run_stage(workspace, *overrides: str) -> tuple[dict, str]:
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def run_stage(workspace, *overrides: str, listeners: set | None = None) -> tuple[dict, str]:
+    """Run the stage; with `listeners`, collect into it the (address, port) of every listening socket
+    of the launcher and its descendants, polled while the run lasts."""
     cmd = [str(BIN / "lmline"), "stage", "pretrain"]
     for item in overrides:
         cmd += ["--set", item]
-    result = subprocess.run(cmd, cwd=workspace, env=stage_env(workspace), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((workspace / "metrics/pretrain.json").read_text()), result.stdout
+    launcher = subprocess.Popen(cmd, cwd=workspace, env=stage_env(workspace), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if listeners is not None:
+        poller = threading.Thread(target=poll_listeners, args=(launcher, listeners), daemon=True)
+        poller.start()
+    stdout, stderr = launcher.communicate(timeout=300)
+    if listeners is not None:
+        poller.join(timeout=30)
+    assert launcher.returncode == 0, stderr[-3000:]
+    return json.loads((workspace / "metrics/pretrain.json").read_text()), stdout
+
+
+def poll_listeners(launcher: subprocess.Popen, found: set) -> None:
+    root = psutil.Process(launcher.pid)
+    while launcher.poll() is None:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:  # the launcher ended meanwhile
+            return
+        for process in family:
+            try:
+                found.update((c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
+                             if c.status == psutil.CONN_LISTEN)
+            except psutil.Error:  # gone meanwhile
+                continue
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -41,7 +72,12 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
     model = workspace / "models/pretrain"
     single_model = (model / "model.safetensors").stat().st_mtime_ns
 
-    ddp, stdout = run_stage(workspace, "pretrain.batch_size=4", "pretrain.devices=2")
+    listeners: set = set()
+    ddp, stdout = run_stage(workspace, "pretrain.batch_size=4", "pretrain.devices=2", listeners=listeners)
+    # gloo's sockets are among those seen (the check cannot pass vacuously); torchrun's rendezvous
+    # store, which listened on '::', is gone: every listener is on loopback
+    assert listeners, "no listening socket seen during the 2-process run"
+    assert {ip for ip, _ in listeners} <= LOOPBACK, f"listening beyond loopback: {sorted(listeners)}"
     assert stdout.count('"pretrain":') == 1  # the result printed once, not once per process
     assert (ddp["devices"], single["devices"]) == (2, 1)
     assert ddp["steps"] == single["steps"] == STEPS
@@ -53,7 +89,7 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
     assert [r.split(",")[0] for r in rows[1:]] == ["3", "6", "9", "12"]  # written once, whole
     assert not (workspace / "checkpoints/pretrain").exists()  # deleted once the run was logged
     print(f"\nval_loss 1 process {single['val_loss']}, 2 processes {ddp['val_loss']}; tokens/s "
-          f"{single['tokens_per_second']} vs {ddp['tokens_per_second']}")
+          f"{single['tokens_per_second']} vs {ddp['tokens_per_second']}; listening: {sorted(listeners)}")
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=LOSS_TOLERANCE)
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -74,7 +110,7 @@ def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, 
     try:
         while not complete_checkpoints(ckpt_dir) and launcher.poll() is None:
             time.sleep(0.02)
-        started = psutil.Process(launcher.pid).children(recursive=True)  # torchrun, its 2 workers, the guard's watcher
+        started = psutil.Process(launcher.pid).children(recursive=True)  # the 2 workers, the guard's watcher
         launcher.send_signal(signal.SIGKILL)
     finally:
         _, err = launcher.communicate(timeout=60)
@@ -89,3 +125,14 @@ def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, 
     assert metrics["resumed_from_step"] == last > 0
     assert (metrics["steps"], metrics["devices"]) == (60, 2)
     assert (workspace / "models/pretrain/model.safetensors").is_file()
+
+
+def test_a_failing_process_stops_the_others_and_its_code_is_the_launchers():
+    """launch_distributed's wait: the others would wait forever for the failed one in their next
+    collective, so they are stopped, and the launcher exits with the failed process's code."""
+    from lmline.cli import wait_all
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    failing = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"])
+    assert wait_all([waiting, failing]) == 3
+    assert waiting.poll() is not None  # stopped, not left running
