@@ -66,6 +66,7 @@ def poll_listeners(launcher: subprocess.Popen, found: set) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # ~35 s each on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspace):  # noqa: F811
     stage(**SHAPE)
     single, _ = run_stage(workspace, "pretrain.batch_size=8")
@@ -101,6 +102,7 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # ~35 s each on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, workspace):  # noqa: F811
     stage(**{**SHAPE, "max_steps": 60})
     ddp = ["--set", "pretrain.batch_size=4", "--set", "pretrain.devices=2"]

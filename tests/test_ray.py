@@ -104,6 +104,7 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # a Ray head plus ~15 s of tasks on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # restored after the test
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
