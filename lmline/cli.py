@@ -598,13 +598,9 @@ def registry_status(cfg: config.Params) -> dict:
 
 def prefect_api_error(api: str, timeout_s: float = 3) -> str:
     """Why the Prefect API at `api` does not answer its /health within `timeout_s`, or '' if it does."""
-    import urllib.request
+    from lmline.tracking import health_error
 
-    try:
-        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s).close()
-    except OSError as exc:  # refused, unresolvable, timed out, or an HTTP error status
-        return str(getattr(exc, "reason", None) or exc)
-    return ""
+    return health_error(api, timeout_s)
 
 
 def check_prefect_api() -> None:

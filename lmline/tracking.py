@@ -42,19 +42,27 @@ def check_server(uri: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> 
     client retries a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, with
     back-off; MLFLOW_HTTP_REQUEST_TIMEOUT, default 120 s per request): those still apply should it
     go away after this check. A file or sqlite store needs no check."""
-    import urllib.request
-
     from lmline.errors import LmlineError
 
     uri = uri or tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except OSError as exc:  # refused, unresolvable, timed out, or an HTTP error status
-        reason = getattr(exc, "reason", None) or exc
+    reason = health_error(uri, timeout_s)
+    if reason:
         raise LmlineError(f"the MLflow tracking server at {uri} does not answer ({reason}); "
-                          "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+                          "start it or point MLFLOW_TRACKING_URI elsewhere")
+
+
+def health_error(base_url: str, timeout_s: float) -> str:
+    """Why the server at `base_url` does not answer its /health within `timeout_s`, or '' if it does
+    (MLflow's and Prefect's servers both have one)."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{base_url.rstrip('/')}/health", timeout=timeout_s).close()
+    except OSError as exc:  # refused, unresolvable, timed out, or an HTTP error status
+        return str(getattr(exc, "reason", None) or exc)
+    return ""
 
 
 def setup(params: Params, root: Path | None = None) -> str:
