@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmline.errors import LmlineError
-
-STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate")
+from lmline.stages import NAMES as STAGES
+from lmline.stages import STAGES as STAGE_FACTS
 SLUG = r"^[a-z0-9][a-z0-9_-]*$"
 
 
@@ -429,14 +429,16 @@ class TriggerConfig(Section):
 
 
 class OrchestrationConfig(Section):
-    retries: dict[str, Annotated[int, Field(ge=0)]] = {"pretrain": 1, "finetune": 1}  # per stage, transient failures
+    retries: dict[str, Annotated[int, Field(ge=0)]] = {  # per stage, transient failures
+        name: stage.retries for name, stage in STAGE_FACTS.items() if stage.retries
+    }
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 2.0  # wait before a retry
     # local: every stage runs in this workspace. distributed: stages mapped to gpu in `pools` run as
     # runs of the run-stage deployment on the gpu work pool, in that worker's clone (docs/production.md).
     mode: Literal["local", "distributed"] = "local"  # local | distributed (gpu stages on the gpu work pool)
     work_pools: WorkPoolsConfig = WorkPoolsConfig()  # Prefect work pool names
     pools: dict[str, Literal["cpu", "gpu"]] = {  # the pool (cpu or gpu) each stage runs on in distributed mode
-        "ingest": "cpu", "clean": "cpu", "tokenize": "cpu", "pretrain": "gpu", "finetune": "gpu", "evaluate": "gpu",
+        name: stage.pool for name, stage in STAGE_FACTS.items()
     }  # a stage left out runs on cpu
     branch: Annotated[str, Field(min_length=1)] = "main"  # what a scheduled retrain checks out on its worker
     schedule: ScheduleConfig = ScheduleConfig()  # when the retrain deployment runs
@@ -647,3 +649,15 @@ def stage_io(params: Params, stage: str) -> tuple[dict[str, Path], dict[str, Pat
 
 def metrics_path(params: Params, stage: str) -> Path:
     return Path(params.paths.metrics) / f"{stage}.json"
+
+
+def stage_args(params: Params, stage: str) -> dict[str, Any]:
+    """The arguments a stage's run() takes from params: its own section as `cfg`, and `seed` where
+    lmline.stages says the stage reads project.seed. Nothing else reaches a stage."""
+    if stage not in STAGE_FACTS:
+        raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    facts = STAGE_FACTS[stage]
+    args: dict[str, Any] = {"cfg": getattr(params, facts.section)}
+    if facts.uses_seed:
+        args["seed"] = params.project.seed
+    return args
