@@ -2,9 +2,14 @@
 
 prefect.yaml reads its pool names, schedule and trigger from {{ $LMLINE_* }} variables; this module
 sets them from params.yaml's `orchestration` section, so params.yaml stays the one place for knobs.
+
+Prefect's modules (and flows.routing, which imports them) are imported inside the functions that use
+them: the `lmline` command imports this module at start-up, and Prefect takes a second to import.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
@@ -124,9 +129,6 @@ def deploy(params: config.Params, root: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """`python -m flows.deploy kubernetes-template [--params FILE] [--image IMAGE]`: print the gpu pool's
     Kubernetes base job template, for `prefect work-pool create gpu --type kubernetes --base-job-template`."""
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(prog="python -m flows.deploy")
     parser.add_argument("what", choices=["kubernetes-template"])
     parser.add_argument("--params", default="params.yaml", help="the params file whose orchestration.work_pools to use")

@@ -1,121 +1,35 @@
 """The retrain flow: validate params, run each DVC stage as a Prefect task, promote, report.
 
-Each task runs exactly one DVC stage (`dvc repro --single-item <stage>`), so DVC decides whether the
-stage runs or is restored from cache; the task streams the stage's output into the Prefect logger
-and reports `ran` or `cached`. MLflow: the flow opens the parent run; stage processes nest under it
-through $LMLINE_PARENT_RUN_ID; a cached stage gets a nested run tagged cached=true.
+Each task runs exactly one DVC stage (flows/stage_task.py: `dvc repro --single-item <stage>` here, or
+on the gpu pool's worker in distributed mode), so DVC decides whether the stage runs or is restored
+from cache; the task reports `ran` or `cached`. MLflow: the flow opens the parent run; stage processes
+nest under it through $LMLINE_PARENT_RUN_ID; a cached stage gets a nested run tagged cached=true.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+from filelock import FileLock
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from flows import guard
-from lmline import config, progress, tracking
-from lmline.data import check_git_inputs
+from flows import promotion, routing
+from flows.scoring import candidate_scores, gate_config, rescore_version
+from flows.stage_task import StageResult, pipeline_stage
+from lmline import config, tracking
 from lmline.errors import LmlineError
-from lmline.io import atomic_path, read_json
-
-STAGE_DONE_MARKERS = ("Running stage",)  # DVC prints this only when it executes the stage's cmd
-
-
-@dataclass
-class StageResult:
-    stage: str
-    status: str  # ran | cached
-    seconds: float
-    metrics: dict = field(default_factory=dict)
-
-
-class StageFailed(LmlineError):
-    pass
-
-
-def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, str]:
-    """The stage subprocess environment: our venv's bin first (dvc runs `lmline stage`), parent run id."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if root is not None:
-        # the workspace's own lmline/tasks code, not wherever the venv's editable install points: a
-        # worker's clone sits at the revision it was handed, and DVC hashed that code as the stage's deps
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
-    return env
-
-
-def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, log) -> str:
-    """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'. `dvc` and the stage
-    it runs die with this process, however it ends, leaving DVC's lock free: interrupted here, their
-    process group is stopped; killed, the watcher of flows/guard.py ends them."""
-    guard.watch_children()  # already running under `lmline run`; a deployment's flow run starts its own
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=stage_env(parent_run_id, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # dvc and the `lmline stage` it runs: one group, stopped together
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                lines.append(line)
-                log.info(line, extra={progress.STAGE_OUTPUT: True})  # all in Prefect; the terminal shows it with -v
-    finally:
-        if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM, an error while logging): stop the group
-            stop_group(proc)
-    if proc.wait():
-        # Our CLI prints one `error: ...` line naming the file/key; surface it as the failure message.
-        errors = [l.removeprefix("error: ") for l in lines if l.startswith("error: ")]
-        detail = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
-        raise StageFailed(f"stage {stage} failed: {detail}")
-    return "ran" if any(m in l for l in lines for m in STAGE_DONE_MARKERS) else "cached"
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = guard.GRACE_S) -> None:
-    """SIGTERM the process group `proc` leads, SIGKILL whatever is left of it after `grace_s`."""
-    import signal
-
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return  # no process of the group is left
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-@task(name="stage")
-def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None, params_file: str) -> StageResult:
-    log = get_run_logger()
-    root_path = Path(root)
-    params = config.load(root_path / params_file)
-    started = time.perf_counter()
-    status = dvc_repro(stage, root_path, force, parent_run_id, log)
-    metrics_file = root_path / config.metrics_path(params, stage)
-    metrics = read_json(metrics_file) if metrics_file.exists() else {}
-    if status == "cached" and parent_run_id:
-        tracking.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
-    log.info("stage %s %s in %.1fs", stage, status, time.perf_counter() - started)
-    return StageResult(stage, status, round(time.perf_counter() - started, 2), metrics)
+from lmline.io import atomic_path
+from lmline.stages import NAMES, STAGES
+from lmline.vcs import check_git_inputs
 
 
 def workspace_lock(root: Path):
     """The lock that serialises pipeline runs in one workspace: DVC takes a repo lock of its own, and
     two flows would collide on it; params.yaml is rewritten only under this lock too."""
-    from filelock import FileLock
-
     return FileLock(str(root / ".dvc" / "tmp" / "lmline-retrain.lock"))
 
 
@@ -125,8 +39,6 @@ def write_overrides(params_path: Path, overrides: dict) -> config.Params:
     changed it since this one validated), the result validated, and written whole (temp + rename),
     comments kept: a reader never sees a half-written file, and params.yaml is never left invalid.
     Returns the params as written; raises ConfigError, naming the key, and writes nothing if invalid."""
-    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
-
     data = parse_yaml_for_update(params_path.read_text(encoding="utf-8"), str(params_path))
     config.apply_overrides(data, overrides)
     with atomic_path(params_path) as tmp:
@@ -135,15 +47,8 @@ def write_overrides(params_path: Path, overrides: dict) -> config.Params:
 
 
 def key_metrics(result: StageResult) -> str:
-    """A few numbers per stage for the summary table."""
-    picks = {  # names as in metrics/<stage>.json
-        "ingest": ["documents", "bytes"],
-        "clean": ["docs_out", "mb_per_s"],
-        "tokenize": ["vocab_size", "splits.train.bytes_per_token"],
-        "pretrain": ["val_bits_per_byte", "tokens_per_second"],
-        "finetune": ["val_accuracy", "val_macro_f1", "val_perplexity"],
-        "evaluate": ["task.accuracy", "task.macro_f1", "task.test_bits_per_byte", "lm.test_bits_per_byte"],
-    }[result.stage]
+    """A few numbers per stage for the summary table (lmline.stages: each stage's key_metrics)."""
+    picks = STAGES[result.stage].key_metrics  # names as in metrics/<stage>.json
     flat = tracking.numeric(result.metrics)
     shown = []
     for key in picks:
@@ -173,10 +78,10 @@ def retrain(
     params_path = root / params_file
     parsed = config.parse_overrides(overrides)
     params = config.load(params_path, parsed)  # fails here, naming the key, before any stage runs
-    selected = list(config.STAGES) if not stages else [s for s in config.STAGES if s in stages]
-    unknown = sorted(set(stages or []) - set(config.STAGES))
+    selected = list(NAMES) if not stages else [s for s in NAMES if s in stages]
+    unknown = sorted(set(stages or []) - set(NAMES))
     if unknown:
-        raise LmlineError(f"unknown stages {unknown} (stages: {', '.join(config.STAGES)})")
+        raise LmlineError(f"unknown stages {unknown} (stages: {', '.join(NAMES)})")
 
     # DVC takes a repo lock; two flows in one workspace would collide on it, so they queue here.
     lock = workspace_lock(root)
@@ -187,8 +92,6 @@ def retrain(
         # distributed mode: stages mapped to gpu run on the gpu pool's worker (flows/routing.py)
         distributed = params.orchestration.mode == "distributed"
         if distributed:
-            from flows import routing
-
             routing.check_ready(root, params)
             routing.pull_added_data(root, params)
         tags = {
@@ -201,14 +104,14 @@ def retrain(
         promotion = None
         with tracking.parent_run(params, tags, root) as parent_id:
             for stage in selected:
-                routed = distributed and routing.should_route(params, root, stage, force)
-                stage_task = (routing.route_stage if routed else run_stage).with_options(
+                pool = routing.placement(params, root, stage, force) if distributed else None
+                stage_task = pipeline_stage.with_options(
                     name=stage,
                     task_run_name=stage,
                     retries=params.orchestration.retries.get(stage, 0),
                     retry_delay_seconds=params.orchestration.retry_delay_seconds,
                 )
-                results.append(stage_task(stage, str(root), force, parent_id, params_file))
+                results.append(stage_task(stage, str(root), force, parent_id, params_file, pool))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
             tracking.register_produced_models(params, root, selected, evaluated="evaluate" in selected)
@@ -226,9 +129,6 @@ def retrain(
 
 def promote_candidate(params: config.Params, root: Path, results: dict[str, StageResult], flow_run_id: str) -> dict:
     """Promote the fine-tuned version this pipeline produced (or restored), serialised everywhere."""
-    from flows import promotion
-    from flows.scoring import candidate_scores, gate_config, rescore_version
-
     finetune = results.get("finetune")
     if finetune is None or not finetune.metrics.get("mlflow_run_id"):
         return {"promoted": False, "reason": "no fine-tuned model in this run"}

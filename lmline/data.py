@@ -1,4 +1,4 @@
-"""Data under version control: git and DVC helpers, workspace snapshots, and `lmline data add`.
+"""`lmline data add`: new data for a source, put under DVC and announced to Prefect (git and DVC: lmline.vcs).
 
 `lmline data add PATH --source NAME` puts new data where the source reads it (text files are copied
 into the glob's directory; JSONL/CSV rows and Parquet tables are appended to the source's file), puts
@@ -19,110 +19,19 @@ import contextlib
 import fnmatch
 import glob
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path, PurePosixPath
 
 import yaml
 
-from lmline.config import CsvSource, JsonlSource, ParquetSource, Params, SampleSource, Source, TextFilesSource
+from lmline.config import CsvSource, JsonlSource, Params, ParquetSource, SampleSource, Source, TextFilesSource
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
+from lmline.vcs import delete_remote_ref, dvc, dvc_default_remote, git, has_git_remote, remote_lacks_ref, snapshot
+from tasks import ingest
 
 EVENT = "lmline.data.updated"
-GIT_REMOTE = "origin"  # where snapshots go and workers fetch from
-# Snapshots are machine commits: same author everywhere, whatever the host's git config says.
-SNAPSHOT_AUTHOR = {"GIT_AUTHOR_NAME": "lmline", "GIT_AUTHOR_EMAIL": "lmline@localhost",
-                   "GIT_COMMITTER_NAME": "lmline", "GIT_COMMITTER_EMAIL": "lmline@localhost"}
-
-
-# ---------------------------------------------------------------- git and dvc, as subprocesses
-def git(root: Path, *args: str, env: dict | None = None) -> str:
-    out = subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True)
-    if out.returncode:
-        last = (out.stderr or out.stdout).strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
-        raise LmlineError(f"git {args[0]} in {root} failed: {last[0]}")
-    return out.stdout.strip()
-
-
-def dvc(root: Path, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
-    if out.returncode:
-        last = (out.stderr or out.stdout).strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
-        raise LmlineError(f"dvc {' '.join(args)} in {root} failed: {last[0]}")
-    return out.stdout
-
-
-def has_git_remote(root: Path) -> bool:
-    return subprocess.run(["git", "remote", "get-url", GIT_REMOTE], cwd=root, capture_output=True).returncode == 0
-
-
-def dvc_default_remote(root: Path) -> str | None:
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return repo.config["core"].get("remote")
-
-
-# A commit id: SHA-1, or SHA-256 in a repository that uses it.
-COMMIT_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
-
-
-def check_git_ref(ref: str, what: str = "git_ref") -> str:
-    """A ref from a flow parameter, an event payload or params, checked before git sees it: a value
-    like `--upload-pack=CMD` would be read as an option and run CMD."""
-    if not isinstance(ref, str) or not ref or ref.startswith("-") or subprocess.run(
-            ["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode:
-        raise LmlineError(f"{what} {ref!r} is not a valid git ref name")
-    return ref
-
-
-def check_revision(revision: str, what: str = "revision") -> str:
-    if not isinstance(revision, str) or not COMMIT_ID.fullmatch(revision):
-        raise LmlineError(f"{what} {revision!r} must be a full commit id (40 hex digits)")
-    return revision
-
-
-def check_git_inputs(git_ref: str | None, revision: str | None) -> None:
-    """The git_ref / revision a run was given (flow parameters, filled from event payloads); empty: none."""
-    if git_ref:
-        check_git_ref(git_ref, "git_ref")
-    if revision:
-        check_revision(revision, "revision")
-
-
-def untracked(root: Path, env: dict, *pathspecs: str) -> list[str]:
-    """Files matching `pathspecs` that git does not track and does not ignore."""
-    listed = git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", *pathspecs, env=env)
-    return [p for p in listed.split("\0") if p]
-
-
-def snapshot(root: Path, ref: str, include: tuple[str, ...] | list[str] = ()) -> str:
-    """Commit the workspace as it is (uncommitted params and dvc.lock included) and push the commit to
-    `ref`, leaving the branch and the index alone; returns the commit.
-
-    The commit holds what git tracks (as it is now, edits included) plus params.yaml, dvc.lock, new
-    .dvc files with the .gitignore DVC writes beside them, and `include` (a params file elsewhere);
-    never other untracked files: a stray .env or raw data meant for DVC would be pushed to origin."""
-    check_git_ref(ref, "snapshot ref")
-    with tempfile.TemporaryDirectory() as tmp:
-        index = Path(tmp) / "index"
-        shutil.copy(root / git(root, "rev-parse", "--git-path", "index"), index)
-        env = {**os.environ, "GIT_INDEX_FILE": str(index), **SNAPSHOT_AUTHOR}
-        git(root, "add", "--update", env=env)
-        named = untracked(root, env, "params.yaml", "dvc.lock", "*.dvc", *include)
-        gitignores = sorted({(PurePosixPath(p).parent / ".gitignore").as_posix() for p in named if p.endswith(".dvc")})
-        named += untracked(root, env, *gitignores) if gitignores else []
-        if named:
-            git(root, "add", "--", *named, env=env)
-        tree = git(root, "write-tree", env=env)
-        commit = git(root, "commit-tree", tree, "-p", "HEAD", "-m", f"lmline snapshot for {ref}", env=env)
-    # A bare sha cannot be fetched by another clone; a ref pointing at it can.
-    git(root, "push", "--quiet", "--force", GIT_REMOTE, f"{commit}:{ref}")
-    return commit
 
 
 # ---------------------------------------------------------------- adding data to a source
@@ -190,9 +99,7 @@ class Rollback:
                 self.created_dirs += [d for d in reversed(missing) if d not in self.created_dirs]
 
     def ref_to_push(self, ref: str) -> None:
-        listed = subprocess.run(["git", "ls-remote", "--end-of-options", GIT_REMOTE, ref], cwd=self.root,
-                                capture_output=True, text=True)
-        if listed.returncode == 0 and not listed.stdout.strip():
+        if remote_lacks_ref(self.root, ref):
             self.pushed_ref = ref
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -213,14 +120,11 @@ class Rollback:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
         if self.pushed_ref:
-            subprocess.run(["git", "push", "--quiet", GIT_REMOTE, "--delete", self.pushed_ref], cwd=self.root,
-                           capture_output=True)
+            delete_remote_ref(self.root, self.pushed_ref)
 
 
 def check_as_ingest_reads(source: Source, file: Path, shown: Path) -> None:
     """Read `file` with ingest's own reader for `source`; an error names `shown` (the user's file)."""
-    from tasks import ingest
-
     pattern = glob.escape(str(file)) if isinstance(source, TextFilesSource) else str(file)
     try:
         ingest.read_source(source.model_copy(update={"path": pattern, "max_docs": None}))
@@ -271,7 +175,7 @@ def append_rows(root: Path, new: Path, source: JsonlSource | CsvSource | Parquet
             shutil.copy2(new, tmp)
         return [Path(source.path)], True
     if isinstance(source, ParquetSource):
-        import pyarrow as pa
+        import pyarrow as pa  # only here: every `lmline` command imports this module
         import pyarrow.parquet as pq
 
         check_as_ingest_reads(source, new, new)
@@ -323,7 +227,7 @@ def emit_updated(params: Params, source: str, payload: dict) -> bool:
     """Send the lmline.data.updated event; False when there is no Prefect server to send it to."""
     if not os.environ.get("PREFECT_API_URL"):
         return False  # an ephemeral Prefect would swallow it: nothing could be listening
-    from prefect.events import emit_event
+    from prefect.events import emit_event  # only here: Prefect takes a second to import, every command pays it
     from prefect.events.worker import EventsWorker
 
     emit_event(

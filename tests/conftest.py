@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lmline  # noqa: F401  (offline switches)
-from lmline import config
+from lmline import OFFLINE_ENV, config  # importing lmline sets the offline switches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,9 +215,7 @@ def served_pipeline(tmp_path_factory, mlflow_template):
         "PREFECT_HOME": str(root / "prefect-home"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_UI_API_URL": api,  # else the UI calls port 4200
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
+        **OFFLINE_ENV,
         "MLFLOW_TRACKING_URI": mlflow_url,
     })
     shutil.copy(mlflow_template, root / "mlflow.db")  # migrated already: the server starts sooner

@@ -132,7 +132,7 @@ def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, 
 def test_a_failing_process_stops_the_others_and_its_code_is_the_launchers():
     """launch_distributed's wait: the others would wait forever for the failed one in their next
     collective, so they are stopped, and the launcher exits with the failed process's code."""
-    from lmline.cli import wait_all
+    from lmline.stage_process import wait_all
 
     waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     failing = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"])

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from flows.retrain import stage_env
+from flows.stage_task import stage_env
 
 from conftest import make_dvc_repo, tiny_params
 

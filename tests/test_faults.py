@@ -98,7 +98,7 @@ def kill_and_resume(prepared: dict, workspace: Path, stage: str, wait_for_checkp
     """Start `lmline stage STAGE`, SIGKILL it once `wait_for_checkpoint(ckpt_dir)` is true (checked
     every 10 ms), re-run the stage to completion as `lmline stage` does (in this process: the imports
     are paid already). Returns (the last complete checkpoint at the kill, the re-run's metrics)."""
-    from lmline import cli
+    from lmline import stage_process
 
     shutil.copytree(prepared["root"], workspace, ignore=shutil.ignore_patterns("prefect-home"))
     env, ckpt_dir = stage_env(workspace), workspace / "checkpoints" / stage
@@ -119,7 +119,7 @@ def kill_and_resume(prepared: dict, workspace: Path, stage: str, wait_for_checkp
     monkeypatch.chdir(workspace)
     for variable in ("MLFLOW_TRACKING_URI", "LMLINE_PARENT_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
-    metrics = cli.run_stage(stage, config.load("params.yaml"))
+    metrics = stage_process.run_dvc_stage(stage, config.load("params.yaml"))
     assert not ckpt_dir.exists(), "the shell deletes the checkpoints once the run is logged"
     assert metrics["train_seconds"] >= round(spent, 3), "the time budget counts the killed attempt's training"
     runs = mlflow_runs(workspace)
@@ -172,7 +172,7 @@ def test_finetune_resumes_early_stopping_where_it_was(prepared, tmp_path, monkey
 def test_checkpoints_survive_a_failure_to_log_the_run(prepared, tmp_path, monkeypatch):
     """The stage wrote its outputs, then logging them failed: the checkpoints stay, and the re-run has
     nothing left to train."""
-    from lmline import cli
+    from lmline import stage_process
 
     workspace = tmp_path / "ws"
     shutil.copytree(prepared["root"], workspace)
@@ -188,11 +188,11 @@ def test_checkpoints_survive_a_failure_to_log_the_run(prepared, tmp_path, monkey
     mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}").create_experiment(
         params.project.experiment, artifact_location=(blocked / "artifacts").as_uri())
     with pytest.raises(OSError):
-        cli.run_stage("pretrain", params)
+        stage_process.run_dvc_stage("pretrain", params)
     assert complete_steps(workspace / "checkpoints/pretrain")[-1] == params.pretrain.max_steps
 
     blocked.unlink()
-    metrics = cli.run_stage("pretrain", params)
+    metrics = stage_process.run_dvc_stage("pretrain", params)
     assert metrics["resumed_from_step"] == params.pretrain.max_steps
     assert results(metrics) == results(prepared["reference"]["pretrain"])
     assert not (workspace / "checkpoints/pretrain").exists()

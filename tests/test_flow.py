@@ -17,7 +17,8 @@ from flows.retrain import retrain, write_overrides
 from flows import scoring
 from flows.scoring import rescore_version
 from lmline import config, tracking
-from lmline.cli import app, print_summary
+from lmline.cli import app
+from lmline.cli.summary import print_summary
 from lmline.io import read_json
 
 from conftest import make_dvc_repo, tiny_params

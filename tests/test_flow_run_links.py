@@ -13,7 +13,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from typer.testing import CliRunner
 
 from lmline import modelcard, tracking
-from lmline.cli import app, ui_links
+from lmline.cli import app
+from lmline.cli.summary import ui_links
 
 FLOW_RUN = "0b7d3c1e-5f0a-4f55-9a61-2d3f0c8e9a10"
 

@@ -39,7 +39,7 @@ def render(template: dict, job_variables: dict) -> dict:
 
 
 def routed_env(template: dict) -> dict:
-    """What flows.routing.job_env passes as a routed run's `env`: the pool's default env plus MLflow nesting."""
+    """What flows.stage_task.job_env passes as a routed run's `env`: the pool's default env plus MLflow nesting."""
     return {**template["variables"]["properties"]["env"]["default"],
             "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "LMLINE_PARENT_RUN_ID": "0123abcd"}
 

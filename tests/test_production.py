@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from conftest import REPO, make_dvc_repo, tiny_params
-from lmline import config
+from lmline import OFFLINE_ENV, config
 from lmline.config import ConfigError
 from lmline.errors import LmlineError
 
@@ -183,9 +183,7 @@ def prod(tmp_path_factory):
         "PREFECT_HOME": str(root / "prefect-home"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
+        **OFFLINE_ENV,
         "MLFLOW_TRACKING_URI": mlflow_url,
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # the trigger's quiet window is checked every second
@@ -335,7 +333,7 @@ def test_prefect_yaml_reads_exactly_the_values_lmline_deploy_sets(make_params):
 
 
 def test_snapshot_carries_uncommitted_changes_without_touching_branch_or_index(tmp_path):
-    from lmline.data import git, snapshot
+    from lmline.vcs import git, snapshot
 
     repo = git_repo(tmp_path)
     head, status = git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")
@@ -365,22 +363,22 @@ def test_distributed_mode_needs_a_dvc_remote_and_a_git_origin(tmp_path):
 
 
 def test_stage_data_targets_and_lock_entries(tmp_path):
-    from flows import routing
+    from lmline import vcs
 
     repo = make_dvc_repo(tmp_path / "ws", tiny_params())
-    assert routing.data_targets(repo, "ingest") == []  # corpus/ is in git here: nothing for DVC to move
-    assert routing.data_targets(repo, "pretrain") == ["data/tokenizer", "data/tokens"]
-    assert routing.data_targets(repo, "evaluate") == ["data/clean", "data/tokens", "models/finetune", "models/pretrain"]
+    assert vcs.data_targets(repo, "ingest") == []  # corpus/ is in git here: nothing for DVC to move
+    assert vcs.data_targets(repo, "pretrain") == ["data/tokenizer", "data/tokens"]
+    assert vcs.data_targets(repo, "evaluate") == ["data/clean", "data/tokens", "models/finetune", "models/pretrain"]
     entry = {"cmd": "lmline stage pretrain", "outs": [{"path": "models/pretrain", "md5": "abc.dir", "hash": "md5"}]}
-    routing.record_lock_entry(repo, "pretrain", entry)
-    routing.record_lock_entry(repo, "tokenize", {"cmd": "lmline stage tokenize"})
-    assert routing.lock_entry(repo, "pretrain") == entry
+    vcs.record_lock_entry(repo, "pretrain", entry)
+    vcs.record_lock_entry(repo, "tokenize", {"cmd": "lmline stage tokenize"})
+    assert vcs.lock_entry(repo, "pretrain") == entry
     assert yaml.safe_load((repo / "dvc.lock").read_text())["schema"] == "2.0"
 
 
 def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     from flows import routing
-    from lmline.data import git
+    from lmline.vcs import git
 
     repo = git_repo(tmp_path)
     monkeypatch.delenv(routing.WORKSPACE_ENV, raising=False)
@@ -400,7 +398,7 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
 
     # git_ref / revision come from flow parameters and event payloads: checked before git sees them
     from flows.retrain import retrain
-    from lmline.data import snapshot
+    from lmline.vcs import snapshot
 
     head = git(clone, "rev-parse", "HEAD")
     marker = tmp_path / "pwned"
@@ -486,7 +484,7 @@ def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, m
     from typer.testing import CliRunner
 
     from lmline.cli import app
-    from lmline.data import git
+    from lmline.vcs import git
 
     repo = git_repo(tmp_path)
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],

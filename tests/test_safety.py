@@ -127,7 +127,7 @@ def test_atomic_path_keeps_the_old_target_when_the_body_fails_and_replaces_it_wh
 
 # ---------------------------------------------------------------- snapshots
 def test_a_snapshot_commits_tracked_files_and_the_pipeline_state_never_untracked_files(tmp_path):
-    from lmline.data import snapshot
+    from lmline.vcs import snapshot
 
     repo, origin = tmp_path / "ws", tmp_path / "origin.git"
     repo.mkdir()

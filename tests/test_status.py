@@ -10,7 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lmline.cli import app, describe_changes
+from lmline.cli import app
+from lmline.cli.status import describe_changes
 
 from conftest import BIN, free_port, make_dvc_repo, tiny_params
 

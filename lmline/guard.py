@@ -4,7 +4,7 @@
 API server, `dvc repro` (holding DVC's repo lock) and the `lmline stage` that DVC runs. Killing them
 by process group or tree is not possible once their parent is gone (they are re-parented), so
 `watch_children()` marks this process's environment with a token that every process it starts
-inherits, and starts a small watcher (`python -m flows.guard PID TOKEN`). Linux's PR_SET_PDEATHSIG
+inherits, and starts a small watcher (`python -m lmline.guard PID TOKEN`). Linux's PR_SET_PDEATHSIG
 signals the watcher when PID dies, however it dies (a SIGKILL cannot be caught by PID itself); the
 watcher then SIGTERMs every process whose environment carries the token, and SIGKILLs those still
 there after GRACE_S. DVC's locks die with their holders (.dvc/tmp/lock is an fcntl lock; rwlock
@@ -37,7 +37,7 @@ def watch_children() -> bool:
         return False  # PR_SET_PDEATHSIG is Linux's
     token = f"{os.getpid()}:{uuid.uuid4().hex}"
     # Its own session: a Ctrl-C in the terminal is for the run, not for the watcher.
-    subprocess.Popen([sys.executable, "-m", "flows.guard", str(os.getpid()), token], start_new_session=True,
+    subprocess.Popen([sys.executable, "-m", "lmline.guard", str(os.getpid()), token], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
     os.environ[TOKEN_ENV] = token
     return True
