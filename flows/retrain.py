@@ -23,7 +23,7 @@ from flows.stage_task import StageResult, pipeline_stage
 from lmline import config, tracking
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
-from lmline.stages import NAMES, STAGES
+from lmline.stages import GATE_STAGE, MODEL_STAGE, NAMES, STAGES
 from lmline.vcs import check_git_inputs
 
 
@@ -114,8 +114,8 @@ def retrain(
                 results.append(stage_task(stage, str(root), force, parent_id, params_file, pool))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
-            tracking.register_produced_models(params, root, selected, evaluated="evaluate" in selected)
-            if promote and "evaluate" in selected:
+            tracking.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)
+            if promote and GATE_STAGE in selected:
                 promotion = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
             summary = {
                 "flow_run_id": str(flow_run.id or ""),
@@ -129,20 +129,20 @@ def retrain(
 
 def promote_candidate(params: config.Params, root: Path, results: dict[str, StageResult], flow_run_id: str) -> dict:
     """Promote the fine-tuned version this pipeline produced (or restored), serialised everywhere."""
-    finetune = results.get("finetune")
+    finetune = results.get(MODEL_STAGE["task"])
     if finetune is None or not finetune.metrics.get("mlflow_run_id"):
         return {"promoted": False, "reason": "no fine-tuned model in this run"}
     producing = tracking.run_tags(finetune.metrics["mlflow_run_id"])
     name, version = producing.get("lmline.registered_model"), producing.get("lmline.model_version")
     if not name or not version:
         return {"promoted": False, "reason": "the fine-tune run registered no model version"}
-    scores = candidate_scores(params, root, results["evaluate"].metrics)
+    scores = candidate_scores(params, root, results[GATE_STAGE].metrics)
     with promotion.promotion_slot():
         result = promotion.promote(
             name, int(version), scores, gate_config(params), lambda v: rescore_version(params, root, name, v), flow_run_id
         )
     # The comparison with the previous champion is known only now: rewrite the card with it.
-    card = tracking.publish_model_card(params, root, name, version, upto="evaluate")
+    card = tracking.publish_model_card(params, root, name, version, upto=GATE_STAGE)
     if card:
         create_markdown_artifact(key="lmline-model-card", markdown=card, description=f"Model card of {name} v{version}")
     return result

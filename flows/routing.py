@@ -30,7 +30,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.stage_task import RUN_STAGE_DEPLOYMENT, pipeline_stage, publish_outcome
 from lmline import config, tracking
 from lmline.errors import LmlineError
-from lmline.stages import NAMES
+from lmline.stages import NAMES, ROUTED_POOL
 from lmline.vcs import (
     GIT_REMOTE,
     check_git_inputs,
@@ -61,7 +61,7 @@ def check_ready(root: Path, params: config.Params) -> None:
         )
     if not os.environ.get("PREFECT_API_URL"):
         raise LmlineError("orchestration.mode is distributed but PREFECT_API_URL is not set: workers need a Prefect server")
-    if any(params.orchestration.pool_of(s) == "gpu" for s in NAMES):
+    if any(params.orchestration.pool_of(s) == ROUTED_POOL for s in NAMES):
         with get_client(sync_client=True) as client:
             try:
                 client.read_deployment_by_name(RUN_STAGE_DEPLOYMENT)
@@ -81,8 +81,8 @@ def pull_added_data(root: Path, params: config.Params) -> list[str]:
 def placement(params: config.Params, root: Path, stage: str, force: bool) -> str | None:
     """The work pool a stage runs on, or None for here: a gpu stage goes to the gpu pool unless DVC says
     it is up to date here (then the local task reports it cached)."""
-    routed = params.orchestration.pool_of(stage) == "gpu" and (force or not is_clean(root, stage))
-    return params.orchestration.work_pools.gpu if routed else None
+    routed = params.orchestration.pool_of(stage) == ROUTED_POOL and (force or not is_clean(root, stage))
+    return getattr(params.orchestration.work_pools, ROUTED_POOL) if routed else None
 
 
 # ---------------------------------------------------------------- worker side

@@ -9,7 +9,8 @@ signals the watcher when PID dies, however it dies (a SIGKILL cannot be caught b
 watcher then SIGTERMs every process whose environment carries the token, and SIGKILLs those still
 there after GRACE_S. DVC's locks die with their holders (.dvc/tmp/lock is an fcntl lock; rwlock
 entries of dead pids are dropped), so the next run in the workspace needs no manual clean-up.
-Kept free of heavy imports: the watcher starts before the flow does.
+Kept free of heavy imports (the watcher starts before the flow does) and of lmline's own modules: the
+stage shell and the flows alike use it.
 """
 from __future__ import annotations
 

@@ -64,3 +64,10 @@ def model_name(project: str, kind: ModelKind, task: str) -> str:
 
 def pipeline_task(kind: ModelKind, task: str) -> str:
     return PIPELINE_TASK["causal-lm" if kind == "base" else task]
+
+# The stage whose test-split metrics the promotion gate reads: the flow promotes only when it ran.
+GATE_STAGE = "evaluate"
+# The stage whose output each registered model is (Stage.model, the other way round).
+MODEL_STAGE: dict[ModelKind, str] = {stage.model: name for name, stage in STAGES.items() if stage.model}
+# In distributed mode the stages mapped to this pool run on its worker (the run-stage deployment).
+ROUTED_POOL: Pool = "gpu"

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from lmline import tracking
+from lmline.stages import GATE_STAGE
 
 
 def print_summary(summary: dict) -> None:
@@ -26,7 +27,7 @@ def print_summary(summary: dict) -> None:
     rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
     echo_table(["stage", "status", "time", "key numbers"], rows)
 
-    ev = tracking.numeric(next((s["metrics"] for s in stages if s["stage"] == "evaluate"), {}))
+    ev = tracking.numeric(next((s["metrics"] for s in stages if s["stage"] == GATE_STAGE), {}))
     p = summary.get("promotion") or {}
     if "task.accuracy" in ev:
         typer.echo("")
