@@ -101,27 +101,27 @@ def retrain(
             **({"lmline.revision": revision} if revision else {}),
         }
         results: list[StageResult] = []
-        promotion = None
+        promotion_result = None
         with tracking.parent_run(params, tags, root) as parent_id:
             for stage in selected:
                 pool = routing.placement(params, root, stage, force) if distributed else None
-                stage_task = pipeline_stage.with_options(
+                placed_task = pipeline_stage.with_options(
                     name=stage,
                     task_run_name=stage,
                     retries=params.orchestration.retries.get(stage, 0),
                     retry_delay_seconds=params.orchestration.retry_delay_seconds,
                 )
-                results.append(stage_task(stage, str(root), force, parent_id, params_file, pool))
+                results.append(placed_task(stage, str(root), force, parent_id, params_file, pool))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
             tracking.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)
             if promote and GATE_STAGE in selected:
-                promotion = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
+                promotion_result = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
             summary = {
                 "flow_run_id": str(flow_run.id or ""),
                 "mlflow_parent_run_id": parent_id,
                 "stages": [asdict(r) for r in results],
-                "promotion": promotion,
+                "promotion": promotion_result,
             }
             publish_artifacts(summary, params)
     return summary

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import uuid
 
+import psutil
+
 TOKEN_ENV = "LMLINE_RUN_TOKEN"  # inherited by every process a watched run starts
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_DIED = signal.SIGUSR1  # what the kernel sends the watcher when its parent ends
@@ -46,8 +48,6 @@ def watch_children() -> bool:
 
 def marked(token: str) -> list:
     """This user's processes (the watcher aside) started with `token` in their environment."""
-    import psutil
-
     found = []
     for process in psutil.process_iter():
         try:
@@ -59,8 +59,6 @@ def marked(token: str) -> list:
 
 
 def end_marked(token: str, grace_s: float = GRACE_S) -> None:
-    import psutil
-
     left = marked(token)
     for process in left:
         try:

@@ -31,7 +31,7 @@ LOSS_TOLERANCE = 0.02
 LOOPBACK = {"127.0.0.1", "::1"}
 
 
-def run_stage(workspace, *overrides: str, listeners: set | None = None) -> tuple[dict, str]:
+def run_launcher(workspace, *overrides: str, listeners: set | None = None) -> tuple[dict, str]:
     """Run the stage; with `listeners`, collect into it the (address, port) of every listening socket
     of the launcher and its descendants, polled while the run lasts."""
     cmd = [str(BIN / "lmline"), "stage", "pretrain"]
@@ -69,12 +69,12 @@ def poll_listeners(launcher: subprocess.Popen, found: set) -> None:
 @pytest.mark.integration  # ~35 s each on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspace):  # noqa: F811
     stage(**SHAPE)
-    single, _ = run_stage(workspace, "pretrain.batch_size=8")
+    single, _ = run_launcher(workspace, "pretrain.batch_size=8")
     model = workspace / "models/pretrain"
     single_model = (model / "model.safetensors").stat().st_mtime_ns
 
     listeners: set = set()
-    ddp, stdout = run_stage(workspace, "pretrain.batch_size=4", "pretrain.devices=2", listeners=listeners)
+    ddp, stdout = run_launcher(workspace, "pretrain.batch_size=4", "pretrain.devices=2", listeners=listeners)
     # gloo's sockets are among those seen (the check cannot pass vacuously); torchrun's rendezvous
     # store, which listened on '::', is gone: every listener is on loopback
     assert listeners, "no listening socket seen during the 2-process run"
@@ -123,7 +123,7 @@ def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, 
     assert not (workspace / "models/pretrain").exists(), "the workers outlived the launcher and finished"
     last = complete_checkpoints(ckpt_dir)[-1]
 
-    metrics, _ = run_stage(workspace, "pretrain.batch_size=4", "pretrain.devices=2")
+    metrics, _ = run_launcher(workspace, "pretrain.batch_size=4", "pretrain.devices=2")
     assert metrics["resumed_from_step"] == last > 0
     assert (metrics["steps"], metrics["devices"]) == (60, 2)
     assert (workspace / "models/pretrain/model.safetensors").is_file()
