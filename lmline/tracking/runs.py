@@ -243,8 +243,8 @@ def parent_run(params: Params, tags: dict[str, str], root: Path | None = None):
 
     root = (root or Path.cwd()).resolve()
     close_dead_runs(setup(params, root))
-    run_tags = {"lmline.pipeline": "retrain", OWNER_TAG: process_owner(), **git_info(root), **tags}
-    with mlflow.start_run(run_name="retrain", tags=run_tags) as run:
+    pipeline_tags = {"lmline.pipeline": "retrain", OWNER_TAG: process_owner(), **git_info(root), **tags}
+    with mlflow.start_run(run_name="retrain", tags=pipeline_tags) as run:
         yield run.info.run_id
 
 
