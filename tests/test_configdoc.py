@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from lmline import config, configdoc
 from lmline.cli import app
+from lmline.section import Section
 
 from conftest import REPO
 
@@ -27,14 +28,23 @@ def test_the_committed_reference_is_what_the_code_renders():
 
 @pytest.mark.parametrize("name,cls", configdoc.section_classes())
 def test_every_key_has_a_meaning(name, cls):
-    comments = configdoc.field_comments(cls)
-    missing = [key for key in cls.model_fields if not comments.get(key)]
-    assert not missing, f"add a trailing `# meaning` comment in lmline/config.py to {name}: {missing}"
+    missing = [key for key, field in cls.model_fields.items() if not configdoc.meaning(field)]
+    assert not missing, f"give these fields of {name} a docstring (the line after the field), their meaning: {missing}"
 
 
-def test_a_hash_inside_a_default_string_is_not_a_comment():
-    assert configdoc.trailing_comment('sep: str = "\\n### Response:\\n"') == ""
-    assert configdoc.trailing_comment('sep: str = "#"  # why') == "why"
+def test_a_meaning_is_the_field_docstring_as_one_table_cell():
+    """The docstring, not the default (`prompt_separator` holds a `#`), on one line with `|` escaped."""
+    fields = config.FinetuneConfig.model_fields
+    assert configdoc.meaning(fields["prompt_separator"]) == "causal-lm with mask_prompt: where the prompt ends"
+    assert configdoc.meaning(config.PretrainConfig.model_fields["arch"]) == "llama (RoPE, RMSNorm, SwiGLU) \\| gpt2"
+    assert "\n" not in configdoc.meaning(config.OrchestrationConfig.model_fields["mode"])
+
+
+def test_the_meaning_check_can_fail():
+    class Undocumented(Section):
+        plain: int = 1  # a comment is not a description
+
+    assert configdoc.meaning(Undocumented.model_fields["plain"]) == ""
 
 
 # ---------------------------------------------------------------- commands and options
