@@ -70,7 +70,8 @@ def resolve(args: list[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if arg.startswith("-"):
             name = arg.split("=")[0]
-            if name not in {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])} | {"--help"}:
+            known = {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+            if name not in known | {"--help"}:
                 unknown.append(f"{' '.join(['lmline', *path])} {name}")
         elif hasattr(command, "commands") and not arg.isupper() and not arg.startswith(("<", "[")):
             if arg not in command.commands:
@@ -103,7 +104,10 @@ def test_the_checks_can_fail():
 
 # ---------------------------------------------------------------- params keys
 SECTIONS = "|".join(config.Params.model_fields)
-KEY = re.compile(rf"(?<![\w/.-])((?:{SECTIONS})\.[a-z_]+(?:\.[a-z_]+)*)(?![\w.-]*\.(?:py|json|csv|md|txt|yaml|parquet|bin|jsonl)\b)")
+KEY = re.compile(
+    rf"(?<![\w/.-])((?:{SECTIONS})\.[a-z_]+(?:\.[a-z_]+)*)"  # section.key(.key...)
+    r"(?![\w.-]*\.(?:py|json|csv|md|txt|yaml|parquet|bin|jsonl)\b)"  # not a file name such as metrics/pretrain.json
+)
 
 
 def key_exists(dotted: str) -> bool:
@@ -133,10 +137,12 @@ def model_of(annotation):
 def test_every_params_key_a_doc_mentions_exists(doc):
     text = doc.read_text(encoding="utf-8")
     mentioned = set(KEY.findall(text))
-    assert not [k for k in mentioned if not key_exists(k)], f"{doc.name}: unknown keys {sorted(k for k in mentioned if not key_exists(k))}"
+    unknown = sorted(k for k in mentioned if not key_exists(k))
+    assert not unknown, f"{doc.name}: unknown keys {unknown}"
 
 
 def test_the_key_check_can_fail():
-    assert KEY.findall("set `pretrain.max_minutes=5`; see metrics/pretrain.json and tasks/pretrain.py") == ["pretrain.max_minutes"]
+    text = "set `pretrain.max_minutes=5`; see metrics/pretrain.json and tasks/pretrain.py"
+    assert KEY.findall(text) == ["pretrain.max_minutes"]
     assert key_exists("pretrain.max_minutes") and key_exists("clean.filters.news.gopher_quality")
     assert not key_exists("pretrain.max_minute") and not key_exists("promote.metrics")
