@@ -226,12 +226,16 @@ def register_produced_models(params: Params, root: Path, stages: Iterable[str], 
         metrics = read_json(metrics_file) if metrics_file.exists() else {}
         run_id = metrics.get("mlflow_run_id")
         if not run_id:
-            raise LmlineError(f"{metrics_file}: no mlflow_run_id, so no logged model to register (has the {stage} stage run?)")
+            raise LmlineError(
+                f"{metrics_file}: no mlflow_run_id, so no logged model to register (has the {stage} stage run?)"
+            )
         name = model_name(params.project.name, STAGES[stage].model, params.finetune.task)
         try:
             logged = c.get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
         except MlflowException:
-            raise LmlineError(f"{metrics_file}: its run {run_id} is not in the tracking store at {tracking_uri()}") from None
+            raise LmlineError(
+                f"{metrics_file}: its run {run_id} is not in the tracking store at {tracking_uri()}"
+            ) from None
         existing = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
         if not existing and not logged:
             raise LmlineError(f"{metrics_file}: run {run_id} logged no model (no {LOGGED_MODEL_TAG} tag)")
@@ -274,8 +278,10 @@ def publish_model_card(params: Params, root: Path, name: str, version: int | str
         card = modelcard.render(params, f"{name}/{version}", metrics, samples, lineage(f"models:/{name}/{version}"))
         c = client()
         c.log_text(c.get_model_version(name, str(version)).run_id, card, "model_card.md")
-        description = card if len(card) <= DESCRIPTION_LIMIT else (
-            card[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut here: the whole card is the run's model_card.md)\n")
+        description = card
+        if len(card) > DESCRIPTION_LIMIT:
+            description = card[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0]
+            description += "\n\n(cut here: the whole card is the run's model_card.md)\n"
         c.update_model_version(name, str(version), description=description)
         return card
     except Exception as exc:

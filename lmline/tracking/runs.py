@@ -108,7 +108,9 @@ def log_model(model_dir: Path, title: str, task: str) -> str:
         {"model": model, "tokenizer": tokenizer},
         name="model",
         # Our own card: without one MLflow asks the Hugging Face hub for one, which is offline here.
-        model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n# {title}\n\nlmline's model card is the version's description.\n"),
+        model_card=ModelCard(
+            f"---\nlibrary_name: transformers\n---\n# {title}\n\nlmline's model card is the version's description.\n"
+        ),
         task=task,
         pip_requirements=_pip_requirements(),
     )
@@ -213,7 +215,9 @@ def close_dead_runs(experiment_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None
+) -> Iterator[StageRun]:
     """An MLflow run for one stage: nested under $LMLINE_PARENT_RUN_ID when a pipeline started it.
     The run ends FAILED if the stage raises; if the process dies instead (kill -9), the next stage or
     pipeline run in this experiment marks it KILLED, so no run is left RUNNING."""
