@@ -6,4 +6,6 @@
 - lineage: the git and DVC facts a run is tagged with, Prefect flow run links, a version's lineage
 - plots: the dvc.yaml plots as matplotlib images on a stage's run
 - registry: aliases, version tags, registering the produced models, `models:/` URIs, model cards
+
+Inside the package imports go one way: store <- lineage <- runs <- registry, and plots <- runs.
 """
