@@ -20,10 +20,11 @@ from prefect.settings import PREFECT_UI_URL
 from flows import promotion, routing
 from flows.scoring import candidate_scores, gate_config, rescore_version
 from flows.stage_task import StageResult, pipeline_stage
-from lmline import config, tracking
+from lmline import config
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from lmline.stages import GATE_STAGE, MODEL_STAGE, NAMES, STAGES
+from lmline.tracking import lineage, registry, runs
 from lmline.vcs import check_git_inputs
 
 
@@ -49,7 +50,7 @@ def write_overrides(params_path: Path, overrides: dict) -> config.Params:
 def key_metrics(result: StageResult) -> str:
     """A few numbers per stage for the summary table (lmline.stages: each stage's key_metrics)."""
     picks = STAGES[result.stage].key_metrics  # names as in metrics/<stage>.json
-    flat = tracking.numeric(result.metrics)
+    flat = runs.numeric(result.metrics)
     shown = []
     for key in picks:
         value = flat.get(key, flat.get(f"totals.{key}"))
@@ -97,12 +98,12 @@ def retrain(
         tags = {
             "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""),
-            "prefect.flow_run_url": tracking.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
+            "prefect.flow_run_url": lineage.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
             **({"lmline.revision": revision} if revision else {}),
         }
         results: list[StageResult] = []
         promotion_result = None
-        with tracking.parent_run(params, tags, root) as parent_id:
+        with runs.parent_run(params, tags, root) as parent_id:
             for stage in selected:
                 pool = routing.placement(params, root, stage, force) if distributed else None
                 placed_task = pipeline_stage.with_options(
@@ -114,7 +115,7 @@ def retrain(
                 results.append(placed_task(stage, str(root), force, parent_id, params_file, pool))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
-            tracking.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)
+            registry.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)
             if promote and GATE_STAGE in selected:
                 promotion_result = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
             summary = {
@@ -132,7 +133,7 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
     finetune = results.get(MODEL_STAGE["task"])
     if finetune is None or not finetune.metrics.get("mlflow_run_id"):
         return {"promoted": False, "reason": "no fine-tuned model in this run"}
-    producing = tracking.run_tags(finetune.metrics["mlflow_run_id"])
+    producing = runs.run_tags(finetune.metrics["mlflow_run_id"])
     name, version = producing.get("lmline.registered_model"), producing.get("lmline.model_version")
     if not name or not version:
         return {"promoted": False, "reason": "the fine-tune run registered no model version"}
@@ -142,7 +143,7 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
             name, int(version), scores, gate_config(params), lambda v: rescore_version(params, root, name, v), flow_run_id
         )
     # The comparison with the previous champion is known only now: rewrite the card with it.
-    card = tracking.publish_model_card(params, root, name, version, upto=GATE_STAGE)
+    card = registry.publish_model_card(params, root, name, version, upto=GATE_STAGE)
     if card:
         create_markdown_artifact(key="lmline-model-card", markdown=card, description=f"Model card of {name} v{version}")
     return result

@@ -28,9 +28,10 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from flows.stage_task import RUN_STAGE_DEPLOYMENT, pipeline_stage, publish_outcome
-from lmline import config, tracking
+from lmline import config
 from lmline.errors import LmlineError
 from lmline.stages import NAMES, ROUTED_POOL
+from lmline.tracking import runs
 from lmline.vcs import (
     GIT_REMOTE,
     check_git_inputs,
@@ -134,7 +135,7 @@ def run_stage_on_worker(stage: str, git_ref: str, revision: str, force: bool = F
         # --force: an out left in this clone by an earlier run would otherwise be used silently
         dvc(root, "pull", "--force", *targets)
     result = pipeline_stage.with_options(name=stage, task_run_name=stage)(
-        stage, str(root), force, os.environ.get(tracking.PARENT_ENV), params_file
+        stage, str(root), force, os.environ.get(runs.PARENT_ENV), params_file
     )
     dvc(root, "push", stage)
     outcome = publish_outcome(root, result)

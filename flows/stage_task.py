@@ -31,9 +31,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from lmline import config, guard, progress, tracking
+from lmline import config, guard, progress
 from lmline.errors import LmlineError
 from lmline.io import read_json
+from lmline.tracking import runs, store
 from lmline.vcs import data_targets, dvc, dvc_command, is_clean, lock_entry, record_lock_entry, snapshot
 
 RUN_STAGE_DEPLOYMENT = "run-stage/run-stage"
@@ -69,7 +70,7 @@ def pipeline_stage(stage: str, root: str, force: bool, parent_run_id: str | None
     metrics_file = root_path / config.metrics_path(params, stage)
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     if pool is None and status == "cached" and parent_run_id:
-        tracking.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
+        runs.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
     seconds = round(time.perf_counter() - started, 2)
     if pool is None:
         log.info("stage %s %s in %.1fs", stage, status, seconds)
@@ -88,7 +89,7 @@ def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, 
         # worker's clone sits at the revision it was handed, and DVC hashed that code as the stage's deps
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
+        env[runs.PARENT_ENV] = parent_run_id
     return env
 
 
@@ -166,9 +167,9 @@ def job_env(pool: str, parent_run_id: str | None, root: Path) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         template = client.read_work_pool(pool).base_job_template
     defaults = template.get("variables", {}).get("properties", {}).get("env", {}).get("default") or {}
-    env = {**defaults, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root)}
+    env = {**defaults, "MLFLOW_TRACKING_URI": store.tracking_uri(root)}
     if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
+        env[runs.PARENT_ENV] = parent_run_id
     return env
 
 

@@ -25,9 +25,10 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from lmline.config import CsvSource, JsonlSource, Params, ParquetSource, SampleSource, Source, TextFilesSource
+from lmline.config import Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
+from lmline.sources import CsvSource, JsonlSource, ParquetSource, SampleSource, Source, TextFilesSource
 from lmline.vcs import delete_remote_ref, dvc, dvc_default_remote, git, has_git_remote, remote_lacks_ref, snapshot
 from tasks import ingest
 

@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmline import config, guard, tracking
+from lmline import config, guard
 from lmline.io import write_json
+from lmline.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run_dvc_stage(name: str, params: config.Params, root: Path | None = None) ->
     if not is_rank_zero():
         # Under launch_distributed every rank runs this; only rank 0 writes metrics and talks to MLflow.
         return call_stage(name, params, inputs, outputs)
-    with tracking.stage_run(name, params, root) as tracked:
+    with runs.stage_run(name, params, root) as tracked:
         started = time.perf_counter()
         metrics = call_stage(name, params, inputs, outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)

@@ -16,10 +16,12 @@ from typing import Annotated, Optional
 import typer
 
 from flows import promotion
-from lmline import config, tracking
+from lmline import config
 from lmline.cli.root import ParamsOpt, app
 from lmline.errors import LmlineError
 from lmline.stages import ModelKind, model_name
+from lmline.tracking import lineage as tracking_lineage
+from lmline.tracking import registry, store
 
 KEY_METRIC_TAGS = (  # the registry tags `lmline models` shows beside each version
     "metric.val_bits_per_byte",
@@ -45,7 +47,7 @@ def evaluate_text(
     """Bits per byte and perplexity of a causal LM on a text file (non-overlapping context windows)."""
     from tasks import evaluate
 
-    result = evaluate.evaluate_text(tracking.resolve_model_uri(model), file, batch_size)
+    result = evaluate.evaluate_text(registry.resolve_model_uri(model), file, batch_size)
     typer.echo(json.dumps({**result, "model": model}, indent=2, sort_keys=True))
 
 
@@ -53,10 +55,10 @@ def evaluate_text(
 def models(params: ParamsOpt = Path("params.yaml")) -> None:
     """Registered models and versions with aliases, key metrics and creation time."""
     cfg = config.load(params, None)
-    tracking.setup(cfg)
-    rows = tracking.list_models(prefix=cfg.project.name)
+    store.setup(cfg)
+    rows = registry.list_models(prefix=cfg.project.name)
     if not rows:
-        typer.echo(f"no registered models named {cfg.project.name}-* at {tracking.tracking_uri()}")
+        typer.echo(f"no registered models named {cfg.project.name}-* at {store.tracking_uri()}")
         return
     for r in rows:
         when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -73,7 +75,7 @@ def promote(
 ) -> None:
     """Move the champion alias to VERSION by hand (who and why are recorded as tags)."""
     # An unknown model or version fails here, in one line, before a Prefect server is needed for the slot.
-    tracking.version_tags(name, version)
+    registry.version_tags(name, version)
     with promotion.promotion_slot():  # the slot the automatic gate takes: never two moves at once
         result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
     typer.echo(json.dumps(result))
@@ -103,7 +105,7 @@ def generate(
     check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
     from tasks import evaluate
 
-    lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "base")))
+    lm, tokenizer = evaluate.load_causal_lm(registry.resolve_model_uri(model or default_model(cfg, "base")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
@@ -149,7 +151,7 @@ def classify(
     from tasks import finetune
 
     cfg = config.load(params, None)
-    clf, tok = load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
+    clf, tok = load_classifier(registry.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
     max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
     ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
@@ -162,6 +164,6 @@ def classify(
 @app.command()
 def lineage(model_uri: Annotated[str, typer.Argument(help="models:/name/version or models:/name@alias")]) -> None:
     """What produced a model version: git commit, DVC hashes, params, Prefect flow run, MLflow runs."""
-    info = tracking.lineage(model_uri)
+    info = tracking_lineage.lineage(model_uri)
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
 

@@ -12,11 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmline import config, guard, progress, stage_process, tracking
+from lmline import config, guard, progress, stage_process
 from lmline.cli.root import ParamsOpt, SetOpt, app
 from lmline.cli.summary import print_summary
 from lmline.errors import LmlineError
 from lmline.stages import NAMES
+from lmline.tracking import store
 from tasks import ingest
 
 
@@ -69,7 +70,7 @@ def run(
     # Unreachable servers fail here, in one line each, within PROBE_TIMEOUT_S: Prefect's and
     # MLflow's clients would retry for minutes and end in a traceback.
     check_prefect_api()
-    tracking.check_server()
+    store.check_server()
     summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
     print_summary(summary)
 
@@ -78,6 +79,6 @@ def check_prefect_api() -> None:
     """With PREFECT_API_URL set, the server must answer before a flow starts (without it, Prefect
     starts a temporary server of its own)."""
     api = os.environ.get("PREFECT_API_URL", "")
-    if api and (reason := tracking.health_error(api, tracking.PROBE_TIMEOUT_S)):
+    if api and (reason := store.health_error(api, store.PROBE_TIMEOUT_S)):
         raise LmlineError(f"the Prefect API at {api} does not answer ({reason}); "
                           "start the server or unset PREFECT_API_URL for a temporary one")

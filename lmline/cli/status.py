@@ -15,10 +15,11 @@ from typing import Annotated
 import typer
 import yaml
 
-from lmline import config, tracking
+from lmline import config
 from lmline.cli.root import ParamsOpt, app
 from lmline.cli.summary import echo_table
 from lmline.stages import model_name
+from lmline.tracking import registry, store
 
 STATUS_TAGS = {  # registry tags worth a glance, and how to call them
     "lmline.eval.metric": "test {metric}",
@@ -105,13 +106,13 @@ def describe_changes(entries: list) -> str:
 # ---------------------------------------------------------------- MLflow registry
 def registry_status(cfg: config.Params) -> dict:
     """Champion and challenger of the task model and the base LM, with their key metrics."""
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return {"tracking_uri": uri, "models": [], "note": "no MLflow store here yet: `lmline run` creates it"}
     models = []
     for name in (model_name(cfg.project.name, kind, cfg.finetune.task) for kind in ("task", "base")):
         for alias in ("champion", "challenger"):
-            mv = tracking.alias_version(name, alias)
+            mv = registry.alias_version(name, alias)
             if mv is None:
                 continue
             tags = dict(mv.tags)
@@ -134,7 +135,7 @@ def flow_run_status(limit: int) -> dict:
     if not api:
         return {"api": None, "runs": [], "note": "set PREFECT_API_URL to a running `prefect server` to list flow runs"}
     # a quick probe (3 s): Prefect's own client retries for a long while before giving up
-    if reason := tracking.health_error(api, 3):
+    if reason := store.health_error(api, 3):
         return {"api": api, "runs": [], "note": f"the Prefect API does not answer ({reason})"}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort

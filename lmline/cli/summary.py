@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from lmline import tracking
 from lmline.stages import GATE_STAGE
+from lmline.tracking import lineage, runs, store
 
 
 def print_summary(summary: dict) -> None:
@@ -27,7 +27,7 @@ def print_summary(summary: dict) -> None:
     rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
     echo_table(["stage", "status", "time", "key numbers"], rows)
 
-    ev = tracking.numeric(next((s["metrics"] for s in stages if s["stage"] == GATE_STAGE), {}))
+    ev = runs.numeric(next((s["metrics"] for s in stages if s["stage"] == GATE_STAGE), {}))
     p = summary.get("promotion") or {}
     if "task.accuracy" in ev:
         typer.echo("")
@@ -73,12 +73,12 @@ def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
     """Where to see this run: direct links when servers are configured, else the commands that start them."""
     from prefect.settings import PREFECT_UI_URL
 
-    uri, parent = tracking.tracking_uri(), summary["mlflow_parent_run_id"]
+    uri, parent = store.tracking_uri(), summary["mlflow_parent_run_id"]
     if uri.startswith("http"):
         mlflow_link = f"{uri.rstrip('/')}/#/models/{model}" if model else uri
     else:
         mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (f"/#/models/{model}" if model else "")
-    prefect_link = tracking.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
+    prefect_link = lineage.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
     return [("MLflow", f"{mlflow_link}  (parent run {parent})"), ("Prefect", prefect_link),
             ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html")]
 
