@@ -149,6 +149,18 @@ def data_targets(root: Path, stage: str) -> list[str]:
     return sorted(targets)
 
 
+def stage_changes(root: Path) -> tuple[list[str], dict] | None:
+    """dvc.yaml's stage names, in order, and what `dvc status` says changed; None outside a DVC workspace."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            return [s.name for s in repo.index.stages], repo.status()
+    except NotDvcRepoError:
+        return None
+
+
 def is_clean(root: Path, stage: str) -> bool:
     from dvc.repo import Repo
 

@@ -1,8 +1,8 @@
 """`lmline status`: where the workspace stands. Stages up to date or not (DVC), champion and challenger
 (the MLflow registry), the last flow runs (Prefect, when a server is configured and answers).
 
-DVC's and Prefect's modules are imported inside the queries: they add a second or more to every
-`lmline` call, and only `status` (and `run`, which loads them anyway) needs them.
+Prefect's modules are imported inside its query: they add a second to every `lmline` call, and only
+`status` (and `run`, which loads them anyway) needs them.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lmline.cli.root import ParamsOpt, app
 from lmline.cli.summary import echo_table
 from lmline.stages import model_name
 from lmline.tracking import registry, store
+from lmline.vcs import stage_changes
 
 STATUS_TAGS = {  # registry tags worth a glance, and how to call them
     "lmline.eval.metric": "test {metric}",
@@ -61,17 +62,12 @@ def status(
 # ---------------------------------------------------------------- DVC
 def pipeline_status(root: Path) -> dict:
     """Each dvc.yaml stage: up to date, changed (and what changed) or never run, from `dvc status`."""
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
-
     lock = root / "dvc.lock"
     locked = set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.exists() else set()
-    try:
-        with Repo(str(root)) as repo:
-            names = [s.name for s in repo.index.stages]
-            changes = repo.status()
-    except NotDvcRepoError:
+    found = stage_changes(root)
+    if found is None:
         return {"stages": [], "note": f"{root} is not a DVC workspace (run lmline from the repository root)"}
+    names, changes = found
     stages, first_stale = [], None
     for name in names:
         if name not in locked:
