@@ -75,10 +75,10 @@ def run_stage(name: str, params: config.Params, root: Path | None = None) -> dic
     inputs, outputs = config.stage_io(params, name)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under launch_distributed every rank runs this; only rank 0 writes metrics and talks to MLflow.
-        return module.run(params, inputs, outputs)
+        return module.run(**config.stage_args(params, name), inputs=inputs, outputs=outputs)
     with tracking.stage_run(name, params, root) as tracked:
         started = time.perf_counter()
-        metrics = module.run(params, inputs, outputs)
+        metrics = module.run(**config.stage_args(params, name), inputs=inputs, outputs=outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
         # Which MLflow run produced these numbers: a later cached run of the stage links back to it.
         metrics["mlflow_run_id"] = tracked.run_id
@@ -205,7 +205,7 @@ def sources(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     from tasks import ingest
 
     cfg = load_params(params, set_)
-    rows = ingest.describe_sources(cfg)
+    rows = ingest.describe_sources(cfg.ingest)
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['type']:<10} {r['role']:<8} {r['size']:>12}  {r['where']}")
@@ -413,11 +413,11 @@ def generate(
     """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate).
     Always samples: --temperature must be above 0 (as evaluate.temperature); a small one is near-greedy."""
     from lmline import tracking
-    from tasks import evaluate
+    from tasks import evaluate, models
 
     cfg = load_params(params, None)
     check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
-    lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
+    lm, tokenizer = models.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
@@ -436,23 +436,6 @@ def check_sampling_options(max_new_tokens: int | None, temperature: float | None
         raise LmlineError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
 
 
-def load_classifier(path: Path):
-    """A sequence classifier with its trained head, and its tokenizer. Refuses a causal LM (or any model
-    whose saved weights lack the head): transformers would add a random head and answer at random."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from tasks.finetune import require_model
-
-    require_model(path)
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise LmlineError(f"{path}: not a fine-tuned classifier (architectures: {architectures})")
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise LmlineError(f"{path}: the classifier's weights lack {', '.join(sorted(info['missing_keys']))}")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
-
-
 @app.command()
 def classify(
     text: Annotated[str, typer.Argument()],
@@ -463,13 +446,13 @@ def classify(
     import torch
 
     from lmline import tracking
-    from tasks import finetune
+    from tasks import models
 
     cfg = load_params(params, None)
-    clf, tok = load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
+    clf, tok = models.load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
-    max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
-    ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
+    max_length = min(cfg.finetune.max_length, models.context_length(clf.config))
+    ids = torch.tensor(models.classification_ids(tok, [text], max_length), device=clf.device)
     with torch.no_grad():
         probs = clf(input_ids=ids).logits.softmax(-1)[0]
     labels = {clf.config.id2label[i]: round(float(p), 4) for i, p in enumerate(probs)}

@@ -115,7 +115,7 @@ def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeyp
                     "minhash": {"num_buckets": 2, "hashes_per_bucket": 8}}
     sections = tiny_params(clean=clean_params)
     params = config.load(write_params(workspace / "params.yaml", sections))
-    ingest.run(params, *config.stage_io(params, "ingest"))
+    ingest.run(params.ingest, *config.stage_io(params, "ingest"))
 
     local, local_s = run_clean(sections, workspace / "local")
 
@@ -184,7 +184,7 @@ def test_an_unreachable_head_fails_at_once_naming_the_key(workspace):
     port = free_port()  # free: nothing listens there
     sections = tiny_params(clean={"executor": "ray", "ray": {"address": f"127.0.0.1:{port}"}})
     params = config.load(write_params(workspace / "params.yaml", sections))
-    ingest.run(params, *config.stage_io(params, "ingest"))
+    ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     inputs, outputs = config.stage_io(params, "clean")
     with pytest.raises(LmlineError, match=rf"clean\.ray\.address 127\.0\.0\.1:{port}: no Ray head answers there"):
         clean.run(params, inputs, outputs)
