@@ -66,7 +66,8 @@ from datatrove.utils.logging import setup_default_logger
 from loguru import logger
 
 from lmline import progress
-from lmline.config import CleanConfig, Params, PiiConfig, RayConfig, slug_ok
+from lmline.clean_config import CleanConfig, PiiConfig, RayConfig
+from lmline.config import Params, slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from tasks.clean_fast import (

@@ -14,7 +14,8 @@ from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplica
 from datatrove.utils.text import simplify_text
 
 from lmline import config
-from lmline.config import ConfigError, PiiConfig
+from lmline.clean_config import PiiConfig
+from lmline.config import ConfigError
 from lmline.errors import LmlineError
 from tasks import clean
 from tasks.clean_fast import (
