@@ -39,7 +39,7 @@ from datatrove.data import Document  # noqa: E402
 from datatrove.utils.text import split_into_words  # noqa: E402
 
 from lmline import config  # noqa: E402
-from lmline.config import CleanConfig, SourceFilters  # noqa: E402
+from lmline.clean_config import CleanConfig, SourceFilters  # noqa: E402
 from lmline.io import write_json  # noqa: E402
 from tasks import clean, ingest  # noqa: E402
 from tasks.clean_text import normalise_text  # noqa: E402

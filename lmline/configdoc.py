@@ -1,16 +1,14 @@
 """Generate docs/configuration.md from the config classes, so the reference cannot drift from the code.
 
-Meaning comes from each field's trailing `# comment` in lmline/config.py (or the class docstring),
-defaults and ranges from the pydantic fields themselves. `python -m lmline.configdoc` rewrites the
-doc; tests/test_configdoc.py fails when the committed doc differs from what this produces.
+Meaning comes from each field's docstring (its pydantic description: lmline.section.Section sets
+use_attribute_docstrings) and each class's docstring; defaults and ranges from the fields themselves.
+`python -m lmline.configdoc` rewrites the doc; tests/test_configdoc.py fails when the committed doc
+differs from what this produces.
 """
 from __future__ import annotations
 
 import inspect
-import io
-import re
 import sys
-import tokenize
 import typing
 from pathlib import Path
 
@@ -20,31 +18,11 @@ from pydantic import BaseModel
 from lmline import config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-FIELD_LINE = re.compile(r"^\s{4}(\w+):.*?#\s*(.+)$")
 
 
-def trailing_comment(line: str) -> str:
-    """The `# comment` ending a line, not a `#` inside a string (`prompt_separator = "\\n### Response"`)."""
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(line).readline):
-            if token.type == tokenize.COMMENT:
-                return token.string.lstrip("#").strip()
-    except (tokenize.TokenError, IndentationError):  # a line that opens a bracket it closes later
-        pass
-    return ""
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # why` lines of a class body -> {name: why}."""
-    comments: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # base classes first, so subclasses can override
-        if klass.__module__ != config.__name__:
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            m = FIELD_LINE.match(line)
-            if m and trailing_comment(line.strip()):
-                comments[m.group(1)] = trailing_comment(line.strip())
-    return comments
+def meaning(field) -> str:
+    """A field's description (its docstring) as one table cell: one line, `|` escaped."""
+    return " ".join((field.description or "").split()).replace("|", "\\|")
 
 
 def type_name(annotation) -> str:
@@ -124,7 +102,8 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `lmline/config.py` by `python -m lmline.configdoc`; a test fails if this file",
+        "Generated from the config classes (`lmline/config.py`, `lmline/sources.py`, `lmline/clean_config.py`)",
+        "by `python -m lmline.configdoc`: each key's meaning is its docstring there. A test fails if this file",
         "drifts from the code. Every key lives in `params.yaml`; unknown keys and values out of range fail",
         "before any work starts, with a message naming the key. Override one run with",
         "`lmline run --set section.key=value` (or `lmline stage NAME --set ...`).",
@@ -135,13 +114,10 @@ def render() -> str:
         doc = cls.__dict__.get("__doc__")  # the class's own docstring, not pydantic's inherited one
         if doc:
             lines += [inspect.cleandoc(doc), ""]
-        comments = field_comments(cls)
         lines += ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
         for key, field in cls.model_fields.items():
-            meaning = comments.get(key, "").replace("|", "\\|")
-            lines.append(
-                f"| `{key}` | {type_name(field.annotation)} | {default_text(field)} | {valid_range(field)} | {meaning} |"
-            )
+            cells = (f"`{key}`", type_name(field.annotation), default_text(field), valid_range(field), meaning(field))
+            lines.append(f"| {' | '.join(cells)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -28,9 +28,10 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from lmline.config import CsvSource, JsonlSource, ParquetSource, Params, SampleSource, Source, TextFilesSource
+from lmline.config import Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
+from lmline.sources import CsvSource, JsonlSource, ParquetSource, SampleSource, Source, TextFilesSource
 
 EVENT = "lmline.data.updated"
 GIT_REMOTE = "origin"  # where snapshots go and workers fetch from

@@ -58,7 +58,8 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from lmline import progress
-from lmline.config import CleanConfig, slug_ok
+from lmline.clean_config import CleanConfig
+from lmline.config import slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from tasks.clean_executor import check_every_task_completed, executor_session, pipeline_executor, quiet_datatrove

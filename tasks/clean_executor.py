@@ -14,7 +14,7 @@ from datatrove.executor.base import PipelineExecutor
 from datatrove.utils.logging import setup_default_logger
 from loguru import logger
 
-from lmline.config import CleanConfig, RayConfig
+from lmline.clean_config import CleanConfig, RayConfig
 from lmline.errors import LmlineError
 
 # fork, not datatrove's default forkserver: a forkserver pool re-imports everything for each of the

@@ -10,7 +10,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
 from datatrove.pipeline.formatters.base import BaseFormatter
 
-from lmline.config import PiiConfig
+from lmline.clean_config import PiiConfig
 
 PLACEHOLDERS = {"url": "<URL>", "email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>"}
 

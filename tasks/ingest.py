@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lmline import progress, samples
-from lmline.config import CsvSource, JsonlSource, ParquetSource, Params, SampleSource, Source, TextFilesSource
+from lmline.config import Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_jsonl
+from lmline.sources import CsvSource, JsonlSource, ParquetSource, SampleSource, Source, TextFilesSource
 
 # Documents can be long (a CSV of whole books); the csv module's default cap is 128 KiB per field.
 csv.field_size_limit(2**31 - 1)

@@ -13,7 +13,8 @@ import pytest
 from datatrove.data import Document
 
 from lmline import config
-from lmline.config import CleanConfig, ConfigError
+from lmline.clean_config import CleanConfig
+from lmline.config import ConfigError
 from lmline.errors import LmlineError
 from tasks import clean
 from tasks.clean_text import chunk_text, normalise_text

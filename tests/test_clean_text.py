@@ -1,7 +1,7 @@
 """The clean stage's text steps (tasks/clean_text.py) on hand-made text: normalisation, chunking, PII scrub."""
 from __future__ import annotations
 
-from lmline.config import PiiConfig
+from lmline.clean_config import PiiConfig
 from tasks import clean_text
 
 from clean_texts import ARTICLE, VERSE

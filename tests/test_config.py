@@ -35,7 +35,8 @@ def test_bad_values_name_the_key(make_params, override, message):
 
 
 def test_bad_source_entries_name_the_list_index(workspace):
-    path = write_params(workspace / "params.yaml", {"ingest": {"sources": [MINIMAL["ingest"]["sources"][0], {"name": "x", "type": "jsonl"}]}})
+    sources = [MINIMAL["ingest"]["sources"][0], {"name": "x", "type": "jsonl"}]
+    path = write_params(workspace / "params.yaml", {"ingest": {"sources": sources}})
     with pytest.raises(ConfigError, match=r"^params.yaml: ingest.sources\[1\].path is required$"):
         config.load(path)
     write_params(path, {"ingest": {"sources": [{"name": "x", "type": "ftp", "path": "a"}]}})
@@ -63,7 +64,8 @@ def test_devices_fit_the_gpu_pool_in_distributed_mode(make_params):
                                           r"orchestration.work_pools.gpu_devices lists 2"):
         config.load(path, [*two_gpus, "finetune.devices=3"])
     # a stage routed to cpu, or local mode, is not bound by the gpu pool's devices
-    assert config.load(path, [*two_gpus, "finetune.devices=3", "orchestration.pools.finetune=cpu"]).finetune.devices == 3
+    on_cpu = config.load(path, [*two_gpus, "finetune.devices=3", "orchestration.pools.finetune=cpu"])
+    assert on_cpu.finetune.devices == 3
     assert config.load(path, ["pretrain.devices=4"]).pretrain.devices == 4
 
 
@@ -104,6 +106,7 @@ def test_cli_rejects_bad_params_before_any_work(make_params, workspace):
 
 @pytest.mark.parametrize("path", ["elsewhere/*.txt", "/abs/docs.txt", "corpus/../x.txt"])
 def test_local_sources_must_live_in_the_corpus_dir_dvc_tracks(workspace, path):
-    write_params(workspace / "params.yaml", {"ingest": {"sources": [{"name": "d", "type": "text_files", "path": path}]}})
+    sources = [{"name": "d", "type": "text_files", "path": path}]
+    write_params(workspace / "params.yaml", {"ingest": {"sources": sources}})
     with pytest.raises(ConfigError, match=r"ingest.sources\[0\].path must lie inside paths.corpus \(corpus/\)"):
         config.load(workspace / "params.yaml")

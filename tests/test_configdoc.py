@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from lmline import config, configdoc
 from lmline.cli import app
+from lmline.section import Section
 
 from conftest import REPO
 
@@ -27,14 +28,23 @@ def test_the_committed_reference_is_what_the_code_renders():
 
 @pytest.mark.parametrize("name,cls", configdoc.section_classes())
 def test_every_key_has_a_meaning(name, cls):
-    comments = configdoc.field_comments(cls)
-    missing = [key for key in cls.model_fields if not comments.get(key)]
-    assert not missing, f"add a trailing `# meaning` comment in lmline/config.py to {name}: {missing}"
+    missing = [key for key, field in cls.model_fields.items() if not configdoc.meaning(field)]
+    assert not missing, f"give these fields of {name} a docstring (the line after the field), their meaning: {missing}"
 
 
-def test_a_hash_inside_a_default_string_is_not_a_comment():
-    assert configdoc.trailing_comment('sep: str = "\\n### Response:\\n"') == ""
-    assert configdoc.trailing_comment('sep: str = "#"  # why') == "why"
+def test_a_meaning_is_the_field_docstring_as_one_table_cell():
+    """The docstring, not the default (`prompt_separator` holds a `#`), on one line with `|` escaped."""
+    fields = config.FinetuneConfig.model_fields
+    assert configdoc.meaning(fields["prompt_separator"]) == "causal-lm with mask_prompt: where the prompt ends"
+    assert configdoc.meaning(config.PretrainConfig.model_fields["arch"]) == "llama (RoPE, RMSNorm, SwiGLU) \\| gpt2"
+    assert "\n" not in configdoc.meaning(config.OrchestrationConfig.model_fields["mode"])
+
+
+def test_the_meaning_check_can_fail():
+    class Undocumented(Section):
+        plain: int = 1  # a comment is not a description
+
+    assert configdoc.meaning(Undocumented.model_fields["plain"]) == ""
 
 
 # ---------------------------------------------------------------- commands and options
@@ -60,7 +70,8 @@ def resolve(args: list[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if arg.startswith("-"):
             name = arg.split("=")[0]
-            if name not in {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])} | {"--help"}:
+            known = {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+            if name not in known | {"--help"}:
                 unknown.append(f"{' '.join(['lmline', *path])} {name}")
         elif hasattr(command, "commands") and not arg.isupper() and not arg.startswith(("<", "[")):
             if arg not in command.commands:
@@ -93,7 +104,10 @@ def test_the_checks_can_fail():
 
 # ---------------------------------------------------------------- params keys
 SECTIONS = "|".join(config.Params.model_fields)
-KEY = re.compile(rf"(?<![\w/.-])((?:{SECTIONS})\.[a-z_]+(?:\.[a-z_]+)*)(?![\w.-]*\.(?:py|json|csv|md|txt|yaml|parquet|bin|jsonl)\b)")
+KEY = re.compile(
+    rf"(?<![\w/.-])((?:{SECTIONS})\.[a-z_]+(?:\.[a-z_]+)*)"  # section.key(.key...)
+    r"(?![\w.-]*\.(?:py|json|csv|md|txt|yaml|parquet|bin|jsonl)\b)"  # not a file name such as metrics/pretrain.json
+)
 
 
 def key_exists(dotted: str) -> bool:
@@ -123,10 +137,12 @@ def model_of(annotation):
 def test_every_params_key_a_doc_mentions_exists(doc):
     text = doc.read_text(encoding="utf-8")
     mentioned = set(KEY.findall(text))
-    assert not [k for k in mentioned if not key_exists(k)], f"{doc.name}: unknown keys {sorted(k for k in mentioned if not key_exists(k))}"
+    unknown = sorted(k for k in mentioned if not key_exists(k))
+    assert not unknown, f"{doc.name}: unknown keys {unknown}"
 
 
 def test_the_key_check_can_fail():
-    assert KEY.findall("set `pretrain.max_minutes=5`; see metrics/pretrain.json and tasks/pretrain.py") == ["pretrain.max_minutes"]
+    text = "set `pretrain.max_minutes=5`; see metrics/pretrain.json and tasks/pretrain.py"
+    assert KEY.findall(text) == ["pretrain.max_minutes"]
     assert key_exists("pretrain.max_minutes") and key_exists("clean.filters.news.gopher_quality")
     assert not key_exists("pretrain.max_minute") and not key_exists("promote.metrics")

@@ -450,8 +450,8 @@ def test_data_add_appends_rows_and_checks_them(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lmline.config import CsvSource, JsonlSource, ParquetSource
     from lmline.data import Rollback, append_rows
+    from lmline.sources import CsvSource, JsonlSource, ParquetSource
 
     def append(new, source):
         with Rollback(tmp_path) as rollback:

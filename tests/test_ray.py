@@ -171,8 +171,8 @@ def test_ray_settings_are_validated(make_params):
 
 def test_clean_stage_imports_ray_only_for_the_ray_executor():
     """Stages stay light: `executor: local` (the default) never imports Ray."""
-    code = ("import sys; import tasks.clean; from lmline import config; "
-            "print('ray' in sys.modules, config.CleanConfig().executor)")
+    code = ("import sys; import tasks.clean; from lmline.clean_config import CleanConfig; "
+            "print('ray' in sys.modules, CleanConfig().executor)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
     assert out == ["False", "local"]

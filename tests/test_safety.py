@@ -206,8 +206,8 @@ def test_data_add_undoes_everything_when_a_step_fails_and_a_rerun_ends_as_one_cl
 
 
 def test_data_add_checks_exactly_the_rows_it_appends_as_ingest_reads_them(tmp_path):
-    from lmline.config import CsvSource, JsonlSource
     from lmline.data import Rollback, append_rows
+    from lmline.sources import CsvSource, JsonlSource
     from tasks import ingest
 
     def append(new, source):
