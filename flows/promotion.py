@@ -1,5 +1,5 @@
 """The promotion gate: a pure decision (candidate vs champion scores -> promote or not, and why), plus
-the registry moves that carry it out through lmline.tracking.
+the registry moves that carry it out through lmline.tracking.registry.
 
 Aliases on `<name>-<task>`:
 - `champion`: the version serving as the best model ever measured. Moves only when a candidate beats it
@@ -21,9 +21,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
-from lmline import tracking
 from lmline.config import LOWER_IS_BETTER, PromoteConfig
 from lmline.errors import LmlineError
+from lmline.tracking import registry
 
 PROMOTE_LIMIT = "lmline-promote"  # Prefect global concurrency limit: one promotion at a time, everywhere
 ROLLED_BACK = "lmline.rolled_back"  # on a version a person rolled back: who; the gate refuses it
@@ -129,9 +129,9 @@ def promote(
 ) -> dict:
     """Compare `version` with the current champion and move the aliases. The caller holds the
     promotion slot (promotion_slot()). `rescore(v)` measures version v on the candidate's test split.
-    A registry error anywhere raises tracking.RegistryError and leaves every alias where it was."""
-    tracking.set_version_tags(name, version, scores_to_tags(candidate, cfg.metric))
-    before = tracking.alias_version(name, "champion")
+    A registry error anywhere raises registry.RegistryError and leaves every alias where it was."""
+    registry.set_version_tags(name, version, scores_to_tags(candidate, cfg.metric))
+    before = registry.alias_version(name, "champion")
     champion_version = int(before.version) if before else None
     result = {"model": name, "candidate": version, "champion_before": champion_version,
               "champion_after": champion_version, "promoted": False, "challenger": False,
@@ -139,7 +139,7 @@ def promote(
     if champion_version == version:
         return {**result, "reason": "candidate is already the champion", "champion_metric": candidate.metric}
     champion = None
-    refused_by = rolled_back_by(tracking.version_tags(name, version))
+    refused_by = rolled_back_by(registry.version_tags(name, version))
     if refused_by is not None:
         decision = Decision(False, f"v{version} was rolled back by {refused_by}: only `lmline promote` can make it "
                                    "champion again")
@@ -148,7 +148,7 @@ def promote(
             champion = scores_from_tags(dict(before.tags), cfg.metric)
             if champion is None or champion.test_split != candidate.test_split:
                 champion = rescore(champion_version)  # the test split changed since it was scored
-                tracking.set_version_tags(name, champion_version, scores_to_tags(champion, cfg.metric))
+                registry.set_version_tags(name, champion_version, scores_to_tags(champion, cfg.metric))
         decision = decide(candidate, champion, cfg)
     decision_tags = {
         "lmline.decision": "promoted" if decision.promote else "rejected",
@@ -161,18 +161,18 @@ def promote(
     if decision.promote and champion_version is not None:
         decision_tags["lmline.previous_champion"] = str(champion_version)
     # Tags first, aliases last: whatever fails before the move leaves the aliases untouched.
-    tracking.set_version_tags(name, version, decision_tags)
+    registry.set_version_tags(name, version, decision_tags)
     if decision.promote:
-        challenger = tracking.alias_version(name, "challenger")
+        challenger = registry.alias_version(name, "challenger")
         clear = [(name, "challenger", None)] if challenger is not None and int(challenger.version) == version else []
         moves = champion_moves(name, version) + clear
     else:
         moves = [] if refused_by is not None else [(name, "challenger", version)]  # a rolled-back version is no challenger
     try:
-        tracking.move_aliases(moves)
-    except tracking.RegistryError:
+        registry.move_aliases(moves)
+    except registry.RegistryError:
         with contextlib.suppress(LmlineError):  # best effort: the registry is failing already
-            tracking.set_version_tags(name, version, {"lmline.decision": "failed"})
+            registry.set_version_tags(name, version, {"lmline.decision": "failed"})
         raise
     return {
         **result,
@@ -188,7 +188,7 @@ def champion_moves(name: str, version: int) -> list[tuple[str, str, int]]:
     """`champion` on the version, and on the base LM it was fine-tuned from, so that
     `models:/<name>-base@champion` is the language model behind the champion model."""
     moves = [(name, "champion", version)]
-    base = tracking.version_tags(name, version).get("lmline.base_model", "")
+    base = registry.version_tags(name, version).get("lmline.base_model", "")
     base_name, _, base_version = base.partition("/")
     if base_name and base_version:
         moves.append((base_name, "champion", int(base_version)))
@@ -197,24 +197,24 @@ def champion_moves(name: str, version: int) -> list[tuple[str, str, int]]:
 
 def set_champion(name: str, version: int) -> None:
     """Point both champion aliases (task model and its base LM) at `version`: both or neither."""
-    tracking.move_aliases(champion_moves(name, version))
+    registry.move_aliases(champion_moves(name, version))
 
 
 def manual_promote(name: str, version: int, who: str, why: str) -> dict:
     """`lmline promote`: move champion by hand, recording who and why on the version. A person may
     bring back a rolled-back version: this clears its mark. The caller holds the promotion slot."""
-    before = tracking.alias_version(name, "champion")
-    marks = {t: v for t, v in tracking.version_tags(name, version).items() if t in ROLLED_BACK_TAGS}  # fails clearly if no such version
+    before = registry.alias_version(name, "champion")
+    marks = {t: v for t, v in registry.version_tags(name, version).items() if t in ROLLED_BACK_TAGS}  # fails clearly if no such version
     tags = {"lmline.decision": "promoted-manually", "lmline.decision.by": who, "lmline.decision.reason": why}
     if before is not None and int(before.version) != version:
         tags["lmline.previous_champion"] = before.version
-    tracking.set_version_tags(name, version, tags)
-    tracking.delete_version_tags(name, version, list(marks))  # before the move: nothing may fail after it
+    registry.set_version_tags(name, version, tags)
+    registry.delete_version_tags(name, version, list(marks))  # before the move: nothing may fail after it
     try:
         set_champion(name, version)
-    except tracking.RegistryError:
+    except registry.RegistryError:
         with contextlib.suppress(LmlineError):  # best effort: it is not champion, so it stays rolled back
-            tracking.set_version_tags(name, version, marks)
+            registry.set_version_tags(name, version, marks)
         raise
     return {"model": name, "champion_before": before and int(before.version), "champion_after": version}
 
@@ -222,17 +222,17 @@ def manual_promote(name: str, version: int, who: str, why: str) -> dict:
 def rollback(name: str, who: str) -> dict:
     """`lmline rollback`: champion back to the version it replaced; the version rolled back is marked so
     the automatic gate never promotes it again. The caller holds the promotion slot."""
-    current = tracking.alias_version(name, "champion")
+    current = registry.alias_version(name, "champion")
     if current is None:
         raise LmlineError(f"{name}: has no champion to roll back")
     previous = dict(current.tags).get("lmline.previous_champion")
     if not previous:
         raise LmlineError(f"{name}: champion v{current.version} has no previous champion recorded")
-    tracking.set_version_tags(name, current.version, {ROLLED_BACK: who})
+    registry.set_version_tags(name, current.version, {ROLLED_BACK: who})
     try:
         set_champion(name, int(previous))
-    except tracking.RegistryError:
+    except registry.RegistryError:
         with contextlib.suppress(LmlineError):  # best effort: the champion did not move, so neither did it roll back
-            tracking.delete_version_tags(name, current.version, [ROLLED_BACK])
+            registry.delete_version_tags(name, current.version, [ROLLED_BACK])
         raise
     return {"model": name, "champion_before": int(current.version), "champion_after": int(previous)}

@@ -20,7 +20,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
 from flows import guard
-from lmline import config, progress, tracking
+from lmline import config, progress
+from lmline.tracking import lineage, registry, runs
 from lmline.data import check_git_inputs
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json
@@ -49,7 +50,7 @@ def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, 
         # worker's clone sits at the revision it was handed, and DVC hashed that code as the stage's deps
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
+        env[runs.PARENT_ENV] = parent_run_id
     return env
 
 
@@ -106,7 +107,7 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None, par
     metrics_file = root_path / config.metrics_path(params, stage)
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
     if status == "cached" and parent_run_id:
-        tracking.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
+        runs.log_cached_stage(stage, params, metrics, parent_run_id, root_path)
     log.info("stage %s %s in %.1fs", stage, status, time.perf_counter() - started)
     return StageResult(stage, status, round(time.perf_counter() - started, 2), metrics)
 
@@ -144,7 +145,7 @@ def key_metrics(result: StageResult) -> str:
         "finetune": ["val_accuracy", "val_macro_f1", "val_perplexity"],
         "evaluate": ["task.accuracy", "task.macro_f1", "task.test_bits_per_byte", "lm.test_bits_per_byte"],
     }[result.stage]
-    flat = tracking.numeric(result.metrics)
+    flat = runs.numeric(result.metrics)
     shown = []
     for key in picks:
         value = flat.get(key, flat.get(f"totals.{key}"))
@@ -194,12 +195,12 @@ def retrain(
         tags = {
             "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""),
-            "prefect.flow_run_url": tracking.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
+            "prefect.flow_run_url": lineage.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
             **({"lmline.revision": revision} if revision else {}),
         }
         results: list[StageResult] = []
         promotion = None
-        with tracking.parent_run(params, tags, root) as parent_id:
+        with runs.parent_run(params, tags, root) as parent_id:
             for stage in selected:
                 routed = distributed and routing.should_route(params, root, stage, force)
                 stage_task = (routing.route_stage if routed else run_stage).with_options(
@@ -211,7 +212,7 @@ def retrain(
                 results.append(stage_task(stage, str(root), force, parent_id, params_file))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
-            tracking.register_produced_models(params, root, selected, evaluated="evaluate" in selected)
+            registry.register_produced_models(params, root, selected, evaluated="evaluate" in selected)
             if promote and "evaluate" in selected:
                 promotion = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
             summary = {
@@ -232,7 +233,7 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
     finetune = results.get("finetune")
     if finetune is None or not finetune.metrics.get("mlflow_run_id"):
         return {"promoted": False, "reason": "no fine-tuned model in this run"}
-    producing = tracking.run_tags(finetune.metrics["mlflow_run_id"])
+    producing = runs.run_tags(finetune.metrics["mlflow_run_id"])
     name, version = producing.get("lmline.registered_model"), producing.get("lmline.model_version")
     if not name or not version:
         return {"promoted": False, "reason": "the fine-tune run registered no model version"}
@@ -242,7 +243,7 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
             name, int(version), scores, gate_config(params), lambda v: rescore_version(params, root, name, v), flow_run_id
         )
     # The comparison with the previous champion is known only now: rewrite the card with it.
-    card = tracking.publish_model_card(params, root, name, version, upto="evaluate")
+    card = registry.publish_model_card(params, root, name, version, upto="evaluate")
     if card:
         create_markdown_artifact(key="lmline-model-card", markdown=card, description=f"Model card of {name} v{version}")
     return result

@@ -29,7 +29,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.retrain import StageFailed, StageResult, run_stage
-from lmline import config, tracking
+from lmline import config
+from lmline.tracking import runs, store
 from lmline.data import (GIT_REMOTE, check_git_inputs, check_git_ref, dvc, dvc_default_remote, git, has_git_remote,
                          snapshot)
 from lmline.errors import LmlineError
@@ -174,7 +175,7 @@ def run_stage_on_worker(stage: str, git_ref: str, revision: str, force: bool = F
         # --force: an out left in this clone by an earlier run would otherwise be used silently
         dvc(root, "pull", "--force", *targets)
     result = run_stage.with_options(name=stage, task_run_name=stage)(
-        stage, str(root), force, os.environ.get(tracking.PARENT_ENV), params_file
+        stage, str(root), force, os.environ.get(runs.PARENT_ENV), params_file
     )
     dvc(root, "push", stage)
     outcome = {"stage": stage, "status": result.status, "seconds": result.seconds, "lock": lock_entry(root, stage)}
@@ -208,9 +209,9 @@ def job_env(pool: str, parent_run_id: str | None, root: Path) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         template = client.read_work_pool(pool).base_job_template
     defaults = template.get("variables", {}).get("properties", {}).get("env", {}).get("default") or {}
-    env = {**defaults, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root)}
+    env = {**defaults, "MLFLOW_TRACKING_URI": store.tracking_uri(root)}
     if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
+        env[runs.PARENT_ENV] = parent_run_id
     return env
 
 

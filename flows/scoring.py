@@ -27,7 +27,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from flows.promotion import Scores
-from lmline import config, tracking
+from lmline import config
+from lmline.tracking import registry
 from tasks import evaluate, finetune
 
 # where each promote.metric sits in metrics/evaluate.json's `task` section
@@ -77,7 +78,7 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
     """Measure a registered fine-tuned model (and the base LM it came from) on the current test split."""
     clean = root / params.paths.clean
     metric = gate_config(params).metric
-    model_dir = tracking.resolve_model_uri(f"models:/{name}/{version}")
+    model_dir = registry.resolve_model_uri(f"models:/{name}/{version}")
     rows = finetune.read_rows(clean, "test")
     source = finetune.pick_source(rows, params.finetune.source, finetune.split_path(clean, "test"))
     test = [r for r in rows if r["source"] == source]
@@ -88,10 +89,10 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
         task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)["bits_per_byte"]
 
     bpb = None  # no base model recorded, or no pretrain test split: the gate refuses on a missing guard
-    base = tracking.version_tags(name, version).get("lmline.base_model")
+    base = registry.version_tags(name, version).get("lmline.base_model")
     pretrain_test = clean / "pretrain" / "test.parquet"
     if base and pretrain_test.exists():
-        lm, lm_tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(f"models:/{base}"))
+        lm, lm_tokenizer = evaluate.load_causal_lm(registry.resolve_model_uri(f"models:/{base}"))
         texts = pq.read_table(pretrain_test, columns=["text"]).column("text").to_pylist()
         bpb = evaluate.score_texts(lm, lm_tokenizer, texts, params.evaluate.batch_size)["bits_per_byte"]
     return Scores(float(task_score), bpb, test_split_id(params, root))

@@ -69,14 +69,14 @@ def load_params(params: Path, overrides: list[str] | None) -> config.Params:
 
 def run_stage(name: str, params: config.Params, root: Path | None = None) -> dict:
     """Run one stage's run() with tracking around it; write metrics/<stage>.json; return metrics."""
-    from lmline import tracking
+    from lmline.tracking import runs
 
     module = importlib.import_module(f"tasks.{name}")
     inputs, outputs = config.stage_io(params, name)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under launch_distributed every rank runs this; only rank 0 writes metrics and talks to MLflow.
         return module.run(params, inputs, outputs)
-    with tracking.stage_run(name, params, root) as tracked:
+    with runs.stage_run(name, params, root) as tracked:
         started = time.perf_counter()
         metrics = module.run(params, inputs, outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
@@ -229,12 +229,12 @@ def run(
     if progress.stream() is sys.stderr:
         os.environ[progress.TTY_ENV] = "1"  # stage output goes to Prefect's logs: stages draw bars on the terminal
     from flows.retrain import retrain
-    from lmline import tracking
+    from lmline.tracking import store
 
     # Unreachable servers fail here, in one line each, within PROBE_TIMEOUT_S: Prefect's and
     # MLflow's clients would retry for minutes and end in a traceback.
     check_prefect_api()
-    tracking.check_server()
+    store.check_server()
     summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
     print_summary(summary)
 
@@ -242,7 +242,7 @@ def run(
 def print_summary(summary: dict) -> None:
     """The compact end-of-run table: what ran, the headline numbers, the registry, where to look."""
     from flows.retrain import StageResult, key_metrics
-    from lmline import tracking
+    from lmline.tracking import runs
 
     stages = summary["stages"]
     ran = sum(s["status"] == "ran" for s in stages)
@@ -251,7 +251,7 @@ def print_summary(summary: dict) -> None:
     rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
     echo_table(["stage", "status", "time", "key numbers"], rows)
 
-    ev = tracking.numeric(next((s["metrics"] for s in stages if s["stage"] == "evaluate"), {}))
+    ev = runs.numeric(next((s["metrics"] for s in stages if s["stage"] == "evaluate"), {}))
     p = summary.get("promotion") or {}
     if "task.accuracy" in ev:
         typer.echo("")
@@ -297,14 +297,14 @@ def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
     """Where to see this run: direct links when servers are configured, else the commands that start them."""
     from prefect.settings import PREFECT_UI_URL
 
-    from lmline import tracking
+    from lmline.tracking import lineage, store
 
-    uri, parent = tracking.tracking_uri(), summary["mlflow_parent_run_id"]
+    uri, parent = store.tracking_uri(), summary["mlflow_parent_run_id"]
     if uri.startswith("http"):
         mlflow_link = f"{uri.rstrip('/')}/#/models/{model}" if model else uri
     else:
         mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (f"/#/models/{model}" if model else "")
-    prefect_link = tracking.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
+    prefect_link = lineage.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
     return [("MLflow", f"{mlflow_link}  (parent run {parent})"), ("Prefect", prefect_link),
             ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html")]
 
@@ -326,10 +326,10 @@ def evaluate_text(
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 16,
 ) -> None:
     """Bits per byte and perplexity of a causal LM on a text file (non-overlapping context windows)."""
-    from lmline import tracking
+    from lmline.tracking import registry
     from tasks import evaluate
 
-    result = evaluate.evaluate_text(tracking.resolve_model_uri(model), file, batch_size)
+    result = evaluate.evaluate_text(registry.resolve_model_uri(model), file, batch_size)
     typer.echo(json.dumps({**result, "model": model}, indent=2, sort_keys=True))
 
 
@@ -344,13 +344,13 @@ def models(params: ParamsOpt = Path("params.yaml")) -> None:
     """Registered models and versions with aliases, key metrics and creation time."""
     from datetime import datetime, timezone
 
-    from lmline import tracking
+    from lmline.tracking import registry, store
 
     cfg = load_params(params, None)
-    tracking.setup(cfg)
-    rows = tracking.list_models(prefix=cfg.project.name)
+    store.setup(cfg)
+    rows = registry.list_models(prefix=cfg.project.name)
     if not rows:
-        typer.echo(f"no registered models named {cfg.project.name}-* at {tracking.tracking_uri()}")
+        typer.echo(f"no registered models named {cfg.project.name}-* at {store.tracking_uri()}")
         return
     for r in rows:
         when = datetime.fromtimestamp(r["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -379,10 +379,10 @@ def promote(
     import getpass
 
     from flows import promotion
-    from lmline import tracking
+    from lmline.tracking import registry
 
     # An unknown model or version fails here, in one line, before a Prefect server is needed for the slot.
-    tracking.version_tags(name, version)
+    registry.version_tags(name, version)
     with promotion.promotion_slot():  # the slot the automatic gate takes: never two moves at once
         result = promotion.manual_promote(name, version, who=getpass.getuser(), why=why)  # MLflow errors: OneLineErrors
     typer.echo(json.dumps(result))
@@ -412,12 +412,12 @@ def generate(
 ) -> None:
     """Generate a continuation of PROMPT with a causal LM (sampling settings default to params' evaluate).
     Always samples: --temperature must be above 0 (as evaluate.temperature); a small one is near-greedy."""
-    from lmline import tracking
+    from lmline.tracking import registry
     from tasks import evaluate
 
     cfg = load_params(params, None)
     check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
-    lm, tokenizer = evaluate.load_causal_lm(tracking.resolve_model_uri(model or default_model(cfg, "lm")))
+    lm, tokenizer = evaluate.load_causal_lm(registry.resolve_model_uri(model or default_model(cfg, "lm")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
@@ -462,11 +462,11 @@ def classify(
     """Classify TEXT with the fine-tuned classifier; prints the label and class probabilities."""
     import torch
 
-    from lmline import tracking
+    from lmline.tracking import registry
     from tasks import finetune
 
     cfg = load_params(params, None)
-    clf, tok = load_classifier(tracking.resolve_model_uri(model or default_model(cfg, "task")))
+    clf, tok = load_classifier(registry.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
     max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
     ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
@@ -479,9 +479,9 @@ def classify(
 @app.command()
 def lineage(model_uri: Annotated[str, typer.Argument(help="models:/name/version or models:/name@alias")]) -> None:
     """What produced a model version: git commit, DVC hashes, params, Prefect flow run, MLflow runs."""
-    from lmline import tracking
+    from lmline.tracking import lineage as tracking_lineage
 
-    info = tracking.lineage(model_uri)
+    info = tracking_lineage.lineage(model_uri)
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
@@ -572,15 +572,15 @@ def registry_status(cfg: config.Params) -> dict:
     """Champion and challenger of the task model and the base LM, with their key metrics."""
     from datetime import datetime, timezone
 
-    from lmline import tracking
+    from lmline.tracking import registry, store
 
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return {"tracking_uri": uri, "models": [], "note": "no MLflow store here yet: `lmline run` creates it"}
     models = []
     for name in (f"{cfg.project.name}-{cfg.finetune.task}", f"{cfg.project.name}-base"):
         for alias in ("champion", "challenger"):
-            mv = tracking.alias_version(name, alias)
+            mv = registry.alias_version(name, alias)
             if mv is None:
                 continue
             tags = dict(mv.tags)
@@ -598,7 +598,7 @@ def registry_status(cfg: config.Params) -> dict:
 
 def prefect_api_error(api: str, timeout_s: float = 3) -> str:
     """Why the Prefect API at `api` does not answer its /health within `timeout_s`, or '' if it does."""
-    from lmline.tracking import health_error
+    from lmline.tracking.store import health_error
 
     return health_error(api, timeout_s)
 
@@ -606,7 +606,7 @@ def prefect_api_error(api: str, timeout_s: float = 3) -> str:
 def check_prefect_api() -> None:
     """With PREFECT_API_URL set, the server must answer before a flow starts (without it, Prefect
     starts a temporary server of its own)."""
-    from lmline.tracking import PROBE_TIMEOUT_S
+    from lmline.tracking.store import PROBE_TIMEOUT_S
 
     api = os.environ.get("PREFECT_API_URL", "")
     if api and (reason := prefect_api_error(api, PROBE_TIMEOUT_S)):

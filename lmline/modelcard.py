@@ -1,8 +1,8 @@
 """Model cards: what a registered model version is, what it was trained on, how good it is, how it was made.
 
 `render()` is pure: it builds the markdown from params, the stages' metrics files, the generation
-samples and the version's lineage (lmline.tracking.lineage), so every number in a card is a number
-from a metrics file, formatted by `num`. `read_inputs()` reads those files; lmline.tracking logs the
+samples and the version's lineage (lmline.tracking.lineage.lineage), so every number in a card is a number
+from a metrics file, formatted by `num`. `read_inputs()` reads those files; lmline.tracking.registry logs the
 card as an artifact and as the version's description, and the retrain flow shows it in Prefect.
 A card only includes the stages that ran before its model was registered (a pretrain card written
 at registration must not quote the previous run's evaluation); it is rewritten after evaluation and
@@ -207,7 +207,7 @@ def lineage_section(lineage: dict) -> list[str]:
     if lineage.get("pipeline_run_id"):
         rows.append(["pipeline run", f"`{lineage['pipeline_run_id']}`"])
     if prefect.get("flow_run_id"):
-        url = prefect.get("flow_run_url", "")  # lmline.tracking.flow_run_link
+        url = prefect.get("flow_run_url", "")  # lmline.tracking.lineage.flow_run_link
         url = f" {url}" if url.startswith("http") else f" (made without a Prefect server; to see it: {url})" if url else ""
         rows.append(["Prefect flow run", f"`{prefect.get('flow_run_name')}` (`{prefect['flow_run_id']}`){url}"])
     base = lineage.get("base_model")

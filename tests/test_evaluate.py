@@ -222,14 +222,14 @@ def test_evaluate_text_bad_input_exits_1(workspace, args, message):
 
 
 def test_evaluate_text_resolves_a_registered_model(workspace):
-    from lmline import tracking
+    from lmline.tracking import runs, store
 
     toy_lm(workspace, uniform=True)
-    tracking.setup(config.Params.model_validate({"ingest": {"sources": [SOURCE]}}), workspace)
+    store.setup(config.Params.model_validate({"ingest": {"sources": [SOURCE]}}), workspace)
     import mlflow
 
     with mlflow.start_run():  # a stage logs the model; the retrain flow registers it
-        model_id = tracking.log_model(workspace / "models/pretrain", "lmline-base", "text-generation")
+        model_id = runs.log_model(workspace / "models/pretrain", "lmline-base", "text-generation")
     version = mlflow.register_model(f"models:/{model_id}", "lmline-base").version
     (workspace / "notes.txt").write_text("the registry copy scores like the local one", encoding="utf-8")
 

@@ -249,7 +249,7 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
 
 
 # ---------------------------------------------------------------- servers that are down
-PROBE_BOUND_S = 2 * 5.0  # lmline.tracking.PROBE_TIMEOUT_S per server, both probed
+PROBE_BOUND_S = 2 * 5.0  # lmline.tracking.store.PROBE_TIMEOUT_S per server, both probed
 
 
 @pytest.mark.parametrize("variable, value", [

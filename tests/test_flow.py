@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from flows.retrain import retrain, write_overrides
 from flows import scoring
 from flows.scoring import rescore_version
-from lmline import config, tracking
+from lmline import config
+from lmline.tracking import registry, runs as tracking_runs, store
 from lmline.cli import app, print_summary
 from lmline.io import read_json
 
@@ -52,7 +53,7 @@ def pipeline(tmp_path_factory, prefect, mlflow_template):
     os.chdir(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("LMLINE_PARENT_RUN_ID", None)
-    mlflow.set_tracking_uri(tracking.tracking_uri(root))
+    mlflow.set_tracking_uri(store.tracking_uri(root))
     yield root
     os.chdir(old_cwd)
 
@@ -63,13 +64,13 @@ def runs_under(parent_id: str):
 
 
 def champion() -> int:
-    return int(tracking.alias_version(MODEL, "champion").version)
+    return int(registry.alias_version(MODEL, "champion").version)
 
 
 def registry_state() -> dict:
     """Everything a run could leave in the registry: models with their tags, aliases and description,
     and every version with its tags, aliases, description and source run."""
-    c = tracking.client()
+    c = store.client()
     return {
         rm.name: {
             "tags": dict(rm.tags), "aliases": dict(rm.aliases), "description": rm.description,
@@ -104,7 +105,7 @@ def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
 
     assert summary["promotion"]["promoted"] and summary["promotion"]["reason"].startswith("first model")
     assert champion() == summary["promotion"]["candidate"]
-    assert int(tracking.alias_version("tiny-base", "champion").version) >= 1  # the champion's base LM
+    assert int(registry.alias_version("tiny-base", "champion").version) >= 1  # the champion's base LM
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -162,7 +163,7 @@ def test_second_run_is_all_cached_and_quick(pipeline):
 
 def test_a_worse_candidate_ends_as_challenger(pipeline):
     before = champion()
-    champion_f1 = float(tracking.version_tags(MODEL, before)["lmline.eval.metric"])
+    champion_f1 = float(registry.version_tags(MODEL, before)["lmline.eval.metric"])
     # one step at a tiny learning rate: the classifier stays near chance
     summary = retrain(workspace=str(pipeline), overrides=["finetune.max_steps=1", "finetune.eval_every=1", "finetune.lr=1e-6"])
     statuses = {s["stage"]: s["status"] for s in summary["stages"]}
@@ -171,8 +172,8 @@ def test_a_worse_candidate_ends_as_challenger(pipeline):
     assert promotion["candidate_metric"] < champion_f1, "setup: the candidate must really be worse"
     assert not promotion["promoted"]
     assert champion() == before
-    assert int(tracking.alias_version(MODEL, "challenger").version) == promotion["candidate"]
-    tags = tracking.version_tags(MODEL, promotion["candidate"])
+    assert int(registry.alias_version(MODEL, "challenger").version) == promotion["candidate"]
+    tags = registry.version_tags(MODEL, promotion["candidate"])
     assert tags["lmline.decision"] == "rejected" and tags["lmline.decision.flow_run_id"] == summary["flow_run_id"]
 
 
@@ -189,7 +190,7 @@ def test_model_cli_against_the_result(pipeline):
     for key in ('"git_commit"', '"dvc_deps"', '"flow_run_id"', '"base_model"'):
         assert key in lineage.stdout
 
-    challenger = int(tracking.alias_version(MODEL, "challenger").version)
+    challenger = int(registry.alias_version(MODEL, "challenger").version)
     before = champion()
     assert runner.invoke(app, ["promote", MODEL, str(challenger), "--why", "test"]).exit_code == 0
     assert champion() == challenger
@@ -201,7 +202,7 @@ def test_rollback_then_a_no_op_run_keeps_the_champion_where_the_person_put_it(pi
     """Issue 9's acceptance: after `lmline rollback`, a run with nothing changed does not promote the
     rolled-back version again, although it scores better than the champion the person restored."""
     runner = CliRunner()
-    weak = int(tracking.alias_version(MODEL, "challenger").version)
+    weak = int(registry.alias_version(MODEL, "challenger").version)
     assert runner.invoke(app, ["promote", MODEL, str(weak), "--why", "test"]).exit_code == 0
     # back to the first run's params: DVC restores (or retrains) the stronger model, which the gate promotes
     restored = retrain(workspace=str(pipeline), overrides=["finetune.max_steps=60", "finetune.eval_every=20", "finetune.lr=0.003"])
@@ -217,7 +218,7 @@ def test_rollback_then_a_no_op_run_keeps_the_champion_where_the_person_put_it(pi
     assert promotion["candidate"] == strong and not promotion["promoted"]
     assert "rolled back by" in promotion["reason"]
     assert champion() == weak
-    assert tracking.version_tags(MODEL, strong)["lmline.decision.reason"] == promotion["reason"]
+    assert registry.version_tags(MODEL, strong)["lmline.decision.reason"] == promotion["reason"]
 
 
 def test_a_manual_promote_waits_for_the_promotion_slot(pipeline):
@@ -256,7 +257,7 @@ def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, caps
     assert promotion["model"] == causal and promotion["promoted"] and promotion["reason"].startswith("first model")
     evaluated = read_json(pipeline / "metrics" / "evaluate.json")
     assert promotion["candidate_metric"] == evaluated["task"]["test_bits_per_byte"]
-    assert tracking.version_tags(causal, promotion["candidate"])["lmline.eval.metric_name"] == "bits_per_byte"
+    assert registry.version_tags(causal, promotion["candidate"])["lmline.eval.metric_name"] == "bits_per_byte"
 
     rescored = rescore_version(config.load(pipeline / "params.yaml"), pipeline, causal, promotion["candidate"])
     assert rescored.metric == evaluated["task"]["test_bits_per_byte"]
@@ -265,7 +266,7 @@ def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, caps
     print_summary(summary)
     printed = capsys.readouterr().out
     assert "baseline: the pretrained model" in printed and f"{causal} v{promotion['candidate']} promoted" in printed
-    card = tracking.client().get_model_version(causal, str(promotion["candidate"])).description
+    card = store.client().get_model_version(causal, str(promotion["candidate"])).description
     assert "## Compared with the champion" in card and "test bits_per_byte" in card
     write_overrides(pipeline / "params.yaml", {"finetune.task": "classification"})  # as the tests below expect
 
@@ -281,7 +282,7 @@ def test_a_run_failing_after_finetune_registers_nothing_and_the_next_run_registe
     assert registry_state() == before
     runs = {stage: producing_run(pipeline, stage) for stage in ("pretrain", "finetune")}
     for run_id in runs.values():
-        assert mlflow.get_run(run_id).data.tags[tracking.LOGGED_MODEL_TAG], "setup: the stage ran and logged its model"
+        assert mlflow.get_run(run_id).data.tags[tracking_runs.LOGGED_MODEL_TAG], "setup: the stage ran and logged its model"
         assert run_id not in {v["run_id"] for m in before.values() for v in m["versions"].values()}
 
     # the next successful run reuses both from DVC's cache and registers what the failed run logged, once
@@ -296,10 +297,10 @@ def test_a_run_failing_after_finetune_registers_nothing_and_the_next_run_registe
         assert registered["run_id"] == runs[stage]
         assert "metric.val_loss" in registered["tags"]
         assert registered["description"].startswith(f"# Model card: {name} v{version}")
-        tags = tracking.run_tags(runs[stage])
+        tags = tracking_runs.run_tags(runs[stage])
         assert (tags["lmline.registered_model"], tags["lmline.model_version"]) == (name, str(version))
-    assert tracking.producing_version(config.load(pipeline / "params.yaml"), "finetune") == added["finetune"]
-    assert tracking.version_tags(*added["finetune"].split("/"))["lmline.base_model"] == added["pretrain"]
+    assert registry.producing_version(config.load(pipeline / "params.yaml"), "finetune") == added["finetune"]
+    assert registry.version_tags(*added["finetune"].split("/"))["lmline.base_model"] == added["pretrain"]
 
 
 def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):

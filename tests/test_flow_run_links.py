@@ -12,7 +12,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from typer.testing import CliRunner
 
-from lmline import modelcard, tracking
+from lmline import modelcard
+from lmline.tracking import lineage, store as tracking_store
 from lmline.cli import app, ui_links
 
 FLOW_RUN = "0b7d3c1e-5f0a-4f55-9a61-2d3f0c8e9a10"
@@ -50,14 +51,14 @@ def register_pipeline_version(model: str, flow_run_url: str) -> str:
 
 @pytest.fixture
 def store(workspace):
-    mlflow.set_tracking_uri(tracking.tracking_uri(workspace))
+    mlflow.set_tracking_uri(tracking_store.tracking_uri(workspace))
     return workspace
 
 
 def test_ephemeral_runs_point_at_prefect_server_start_never_at_none(store):
     assert ephemeral_ui_url() is None, "setup: without a server Prefect has no UI address"
     versions = {
-        "as retrain tags it now": register_pipeline_version("links", tracking.flow_run_link(FLOW_RUN, ephemeral_ui_url())),
+        "as retrain tags it now": register_pipeline_version("links", lineage.flow_run_link(FLOW_RUN, ephemeral_ui_url())),
         "as retrain tagged it before": register_pipeline_version("links", f"None/flow-runs/flow-run/{FLOW_RUN}"),
     }
     for how, version in versions.items():
@@ -78,10 +79,10 @@ def test_ephemeral_runs_point_at_prefect_server_start_never_at_none(store):
 
 def test_served_runs_link_to_their_page_on_the_server(store):
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4321/api"}):
-        served = tracking.flow_run_link(FLOW_RUN, PREFECT_UI_URL.value())
+        served = lineage.flow_run_link(FLOW_RUN, PREFECT_UI_URL.value())
         prefect = dict(ui_links({"flow_run_id": FLOW_RUN, "mlflow_parent_run_id": "p"}, "links"))["Prefect"]
     assert served == prefect == f"http://127.0.0.1:4321/runs/flow-run/{FLOW_RUN}"
     version = register_pipeline_version("links", served)
-    info = tracking.lineage(f"models:/links/{version}")
+    info = lineage.lineage(f"models:/links/{version}")
     assert url_fields(info) == {"prefect.flow_run_url": served}
     assert f"(`{FLOW_RUN}`) {served}" in "\n".join(modelcard.lineage_section(info))

@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from flows import promotion, scoring
 from flows.promotion import Scores, decide
-from lmline import config, tracking
+from lmline import config
+from lmline.tracking import registry as tracking_registry, store
 from lmline.config import PromoteConfig
 from lmline.errors import LmlineError
 
@@ -49,7 +50,7 @@ def registry(workspace, monkeypatch):
     """A real MLflow registry on SQLite in the workspace, with versions we can point aliases at."""
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = tracking.client()
+    client = store.client()
     client.create_registered_model("m-classification")
 
     def new_version() -> int:
@@ -65,18 +66,18 @@ def never_rescore(version):
 def test_first_better_and_worse_candidates_move_aliases_as_documented(registry):
     v1, v2, v3 = registry(), registry(), registry()
     first = promotion.promote("m-classification", v1, Scores(0.6, 2.0, "s"), CFG, never_rescore, "run-1")
-    assert first["promoted"] and int(tracking.alias_version("m-classification", "champion").version) == v1
+    assert first["promoted"] and int(tracking_registry.alias_version("m-classification", "champion").version) == v1
 
     better = promotion.promote("m-classification", v2, Scores(0.7, 2.0, "s"), CFG, never_rescore, "run-2")
     assert better["promoted"] and better["champion_before"] == v1
-    assert int(tracking.alias_version("m-classification", "champion").version) == v2
-    assert tracking.version_tags("m-classification", v2)["lmline.previous_champion"] == str(v1)
+    assert int(tracking_registry.alias_version("m-classification", "champion").version) == v2
+    assert tracking_registry.version_tags("m-classification", v2)["lmline.previous_champion"] == str(v1)
 
     worse = promotion.promote("m-classification", v3, Scores(0.5, 2.0, "s"), CFG, never_rescore, "run-3")
     assert not worse["promoted"]
-    assert int(tracking.alias_version("m-classification", "champion").version) == v2
-    assert int(tracking.alias_version("m-classification", "challenger").version) == v3
-    tags = tracking.version_tags("m-classification", v3)
+    assert int(tracking_registry.alias_version("m-classification", "champion").version) == v2
+    assert int(tracking_registry.alias_version("m-classification", "challenger").version) == v3
+    tags = tracking_registry.version_tags("m-classification", v3)
     assert tags["lmline.decision"] == "rejected" and tags["lmline.decision.flow_run_id"] == "run-3"
     assert tags["lmline.decision.candidate_metric"] == "0.500000"
     assert tags["lmline.decision.champion_metric"] == "0.700000"
@@ -94,19 +95,19 @@ def test_champion_is_rescored_when_the_test_split_changed(registry):
     result = promotion.promote("m-classification", v2, Scores(0.6, 2.0, "new-split"), CFG, rescore)
     assert rescored == [v1]
     assert result["promoted"] and result["champion_metric"] == 0.55
-    assert tracking.version_tags("m-classification", v1)["lmline.eval.test_split"] == "new-split"
+    assert tracking_registry.version_tags("m-classification", v1)["lmline.eval.test_split"] == "new-split"
 
 
 def test_manual_promote_and_rollback(registry):
     v1, v2, v3 = registry(), registry(), registry()
     promotion.promote("m-classification", v1, Scores(0.6, 2.0, "s"), CFG, never_rescore)
     promotion.manual_promote("m-classification", v3, who="alice", why="hotfix")
-    assert int(tracking.alias_version("m-classification", "champion").version) == v3
-    assert tracking.version_tags("m-classification", v3)["lmline.decision.by"] == "alice"
+    assert int(tracking_registry.alias_version("m-classification", "champion").version) == v3
+    assert tracking_registry.version_tags("m-classification", v3)["lmline.decision.by"] == "alice"
 
     back = promotion.rollback("m-classification", who="bob")
     assert back == {"model": "m-classification", "champion_before": v3, "champion_after": v1}
-    assert int(tracking.alias_version("m-classification", "champion").version) == v1
+    assert int(tracking_registry.alias_version("m-classification", "champion").version) == v1
     with pytest.raises(LmlineError, match="no previous champion"):
         promotion.rollback("m-classification", who="bob")
 
@@ -164,13 +165,13 @@ BASE = "m-base"
 @pytest.fixture
 def gate(registry):
     """v1 champion (fine-tuned from m-base v1, both @champion, scored), v2 a better candidate from m-base v2."""
-    client = tracking.client()
+    client = store.client()
     client.create_registered_model(BASE)
     for _ in range(2):
         client.create_model_version(BASE, source="base-model")
     v1, v2 = registry(), registry()
-    tracking.set_version_tags("m-classification", v1, {"lmline.base_model": f"{BASE}/1"})
-    tracking.set_version_tags("m-classification", v2, {"lmline.base_model": f"{BASE}/2"})
+    tracking_registry.set_version_tags("m-classification", v1, {"lmline.base_model": f"{BASE}/1"})
+    tracking_registry.set_version_tags("m-classification", v2, {"lmline.base_model": f"{BASE}/2"})
     promotion.promote("m-classification", v1, Scores(0.6, 2.0, "s"), CFG, never_rescore)
     assert aliases() == {"champion": "1", "challenger": None, "base": "1"}
     return v1, v2
@@ -178,7 +179,7 @@ def gate(registry):
 
 def aliases() -> dict:
     def of(name, alias):
-        mv = tracking.alias_version(name, alias)
+        mv = tracking_registry.alias_version(name, alias)
         return None if mv is None else str(mv.version)
 
     return {"champion": of("m-classification", "champion"), "challenger": of("m-classification", "challenger"),
@@ -229,7 +230,7 @@ def test_a_registry_error_at_any_call_stops_the_gate_and_moves_no_alias(gate, mo
                 message = str(exc)
             else:
                 break  # the operation made fewer than n calls: every one of them has failed once
-        assert "\n" not in message and tracking.tracking_uri() in message and "database is locked" in message, message
+        assert "\n" not in message and store.tracking_uri() in message and "database is locked" in message, message
         assert aliases() == before, f"{operation}: failing registry call {n} ({calls[-1]}) moved an alias"
         n += 1
     assert n > 3, "setup: the operation should make several registry calls"
@@ -247,7 +248,7 @@ def test_a_registry_error_during_rollback_moves_no_alias(gate, monkeypatch):
             try:
                 promotion.rollback("m-classification", who="bob")
             except LmlineError as exc:
-                assert "\n" not in str(exc) and tracking.tracking_uri() in str(exc)
+                assert "\n" not in str(exc) and store.tracking_uri() in str(exc)
             else:
                 break
         assert aliases() == before
@@ -256,34 +257,34 @@ def test_a_registry_error_during_rollback_moves_no_alias(gate, monkeypatch):
 
 
 def test_an_alias_not_found_is_no_champion_but_any_other_error_is_not(registry, monkeypatch):
-    assert tracking.alias_version("m-classification", "champion") is None  # the model exists, the alias not
-    assert tracking.alias_version("never-registered", "champion") is None
+    assert tracking_registry.alias_version("m-classification", "champion") is None  # the model exists, the alias not
+    assert tracking_registry.alias_version("never-registered", "champion") is None
     with monkeypatch.context() as injected:
         fail_at_call(injected, 1)
-        with pytest.raises(tracking.RegistryError, match="reading m-classification@champion failed"):
-            tracking.alias_version("m-classification", "champion")
+        with pytest.raises(tracking_registry.RegistryError, match="reading m-classification@champion failed"):
+            tracking_registry.alias_version("m-classification", "champion")
 
 
 def test_the_two_champion_aliases_move_together_or_not_at_all(gate):
     """A real failure on the second move: the base version the candidate names was deleted."""
     v1, v2 = gate
-    tracking.client().delete_model_version(BASE, "2")
-    with pytest.raises(tracking.RegistryError, match=f"{BASE}@champion at v2"):
+    store.client().delete_model_version(BASE, "2")
+    with pytest.raises(tracking_registry.RegistryError, match=f"{BASE}@champion at v2"):
         promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
     assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
-    assert tracking.version_tags("m-classification", v2)["lmline.decision"] == "failed"
-    with pytest.raises(tracking.RegistryError):
+    assert tracking_registry.version_tags("m-classification", v2)["lmline.decision"] == "failed"
+    with pytest.raises(tracking_registry.RegistryError):
         promotion.manual_promote("m-classification", v2, "alice", "test")
     assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
 
 
 def test_a_missing_champion_score_keeps_the_champion(gate):
     v1, v2 = gate
-    tracking.set_version_tags("m-classification", v1, {"lmline.eval.bits_per_byte": ""})  # scored without its base LM
+    tracking_registry.set_version_tags("m-classification", v1, {"lmline.eval.bits_per_byte": ""})  # scored without its base LM
     result = promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
     assert not result["promoted"] and "the champion has no base bits/byte" in result["reason"]
     assert aliases()["champion"] == str(v1)
-    assert tracking.version_tags("m-classification", v2)["lmline.decision.reason"] == result["reason"]
+    assert tracking_registry.version_tags("m-classification", v2)["lmline.decision.reason"] == result["reason"]
 
 
 # ---------------------------------------------------------------- human decisions stick
@@ -296,9 +297,9 @@ def test_a_rolled_back_version_is_never_promoted_again_automatically(gate):
     again = promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore, "run-2")
     assert not again["promoted"] and "rolled back by bob" in again["reason"]
     assert aliases() == {"champion": str(v1), "challenger": None, "base": "1"}
-    tags = tracking.version_tags("m-classification", v2)
+    tags = tracking_registry.version_tags("m-classification", v2)
     assert tags["lmline.decision"] == "rejected" and "rolled back by bob" in tags["lmline.decision.reason"]
 
     promotion.manual_promote("m-classification", v2, who="alice", why="fixed after all")  # a person can
     assert aliases() == {"champion": str(v2), "challenger": None, "base": "2"}
-    assert promotion.ROLLED_BACK not in tracking.version_tags("m-classification", v2)
+    assert promotion.ROLLED_BACK not in tracking_registry.version_tags("m-classification", v2)
