@@ -52,7 +52,7 @@ def timed(stage: str, params: config.Params) -> tuple[float, float, dict]:
     module = import_module(f"tasks.{stage}")  # imported before the clock starts
     inputs, outputs = config.stage_io(params, stage)
     cpu, started = cpu_seconds(), time.perf_counter()
-    metrics = module.run(params, inputs, outputs)
+    metrics = module.run(**config.stage_args(params, stage), inputs=inputs, outputs=outputs)
     return time.perf_counter() - started, cpu_seconds() - cpu, metrics
 
 

@@ -46,7 +46,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def stage_run(params: config.Params, inputs: dict) -> dict:
     """One training run of the stage's code; checkpoints go to a temp folder, nothing else is written."""
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
-        _, metrics, _ = pretrain.train(params, inputs, Path(tmp) / "checkpoints")
+        _, metrics, _ = pretrain.train(params.pretrain, params.project.seed, inputs, Path(tmp) / "checkpoints")
     return metrics
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from flows.promotion import Scores
 from lmline import config
 from lmline.tracking import registry
-from tasks import evaluate, finetune
+from tasks import evaluate, finetune_data, models
 
 # where each promote.metric sits in metrics/evaluate.json's `task` section
 EVALUATE_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "bits_per_byte": "test_bits_per_byte"}
@@ -63,15 +63,15 @@ def candidate_scores(params: config.Params, root: Path, eval_metrics: dict) -> S
 def classification_score(params: config.Params, model_dir: Path, test: list[dict], metric: str) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(evaluate.device())
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(models.device())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     known = [model.config.id2label[i] for i in range(model.config.num_labels)]
     # labels the model never saw get ids it cannot predict: each of their rows is an error
     labels = known + sorted({r["label"] for r in test} - set(known))
-    max_length = min(params.finetune.max_length, finetune.context_length(model.config))  # as finetune capped it
+    max_length = min(params.finetune.max_length, models.context_length(model.config))  # as finetune capped it
     predicted = evaluate.classify(model, tokenizer, [r["text"] for r in test], max_length, params.evaluate.batch_size)
     actual = evaluate.label_ids_of([r["label"] for r in test], labels)
-    return finetune.classification_metrics(actual, predicted, len(labels))[metric]
+    return finetune_data.classification_metrics(actual, predicted, len(labels))[metric]
 
 
 def rescore_version(params: config.Params, root: Path, name: str, version: int) -> Scores:
@@ -79,20 +79,20 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
     clean = root / params.paths.clean
     metric = gate_config(params).metric
     model_dir = registry.resolve_model_uri(f"models:/{name}/{version}")
-    rows = finetune.read_rows(clean, "test")
-    source = finetune.pick_source(rows, params.finetune.source, finetune.split_path(clean, "test"))
+    rows = finetune_data.read_rows(clean, "test")
+    source = finetune_data.pick_source(rows, params.finetune.source, finetune_data.split_path(clean, "test"))
     test = [r for r in rows if r["source"] == source]
     if params.finetune.task == "classification":
         task_score = classification_score(params, model_dir, test, metric)
     else:
-        lm, tokenizer = evaluate.load_causal_lm(model_dir)
+        lm, tokenizer = models.load_causal_lm(model_dir)
         task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)["bits_per_byte"]
 
     bpb = None  # no base model recorded, or no pretrain test split: the gate refuses on a missing guard
     base = registry.version_tags(name, version).get("lmline.base_model")
     pretrain_test = clean / "pretrain" / "test.parquet"
     if base and pretrain_test.exists():
-        lm, lm_tokenizer = evaluate.load_causal_lm(registry.resolve_model_uri(f"models:/{base}"))
+        lm, lm_tokenizer = models.load_causal_lm(registry.resolve_model_uri(f"models:/{base}"))
         texts = pq.read_table(pretrain_test, columns=["text"]).column("text").to_pylist()
         bpb = evaluate.score_texts(lm, lm_tokenizer, texts, params.evaluate.batch_size)["bits_per_byte"]
     return Scores(float(task_score), bpb, test_split_id(params, root))

@@ -171,7 +171,8 @@ class CleanConfig(Section):
     min_chars: Annotated[int, Field(ge=0)] = 20
     """default for sources without their own filters entry"""
     # Words for the quality filters: "fast" = lmline's regex tokenizer, "spacy" = datatrove's default
-    # spaCy English tokenizer (the reference: the same verdicts on 99.7%+ of documents, a ~4x slower stage).
+    # spaCy English tokenizer (the reference: the same verdicts on 99.94% of the sample corpora's
+    # documents, bench/word_tokenizer.py; a ~4x slower stage).
     word_tokenizer: Literal["fast", "spacy"] = "fast"
     """fast (regex) | spacy: how the quality filters count words"""
     filters: dict[str, SourceFilters] = {}

@@ -32,9 +32,9 @@ def is_rank_zero() -> bool:
 
 
 def call_stage(name: str, params: config.Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    """The stage's own run(), nothing around it."""
+    """The stage's own run(), given its own params section (and the seed where it uses one)."""
     module = importlib.import_module(f"tasks.{name}")
-    return module.run(params, inputs, outputs)
+    return module.run(**config.stage_args(params, name), inputs=inputs, outputs=outputs)
 
 
 def run_dvc_stage(name: str, params: config.Params, root: Path | None = None) -> dict:

@@ -1,1 +1,1 @@
-"""Pipeline stages: one module per DVC stage, each a pure core plus run(params, inputs, outputs) -> metrics."""
+"""Pipeline stages: one module per DVC stage, each a pure core plus run(cfg, [seed,] inputs, outputs) -> metrics."""

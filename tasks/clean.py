@@ -17,24 +17,22 @@ A source that loses every document fails the stage, naming the rules that droppe
 Every step that drops documents has a datatrove exclusion writer (removed/<rule>/<source>/<rank>.jsonl):
 that is how drops are counted per source and rule, independently of the documents kept. Where profiling
 found datatrove slow, tasks/clean_fast.py swaps in equivalent code (checked against datatrove's in tests).
+The text steps (normalise, chunk, PII scrub) are tasks/clean_text.py; where the passes run is
+tasks/clean_executor.py.
 
 Scale-out: each pipeline is a plain list of datatrove steps plus a task count, so the same lists run
 on LocalPipelineExecutor (processes here) or, with `clean.executor: ray`, on RayPipelineExecutor (tasks
-on a Ray cluster; `pipeline_executor` is the one place that chooses). Two steps stay in this process:
-the shard pre-pass (at cluster scale the raw data already comes as many files, and `chunk_text` would
-become a per-document step) and the assembly, which holds the kept documents in memory (there, a
-ParquetWriter step per role and split). SlurmPipelineExecutor is not wired: it returns once its jobs
-are queued, and a DVC stage must end with its outputs written (docs/production.md).
+on a Ray cluster; `clean_executor.pipeline_executor` is the one place that chooses). Two steps stay in
+this process: the shard pre-pass (at cluster scale the raw data already comes as many files, and
+`chunk_text` would become a per-document step) and the assembly, which holds the kept documents in
+memory (there, a ParquetWriter step per role and split). SlurmPipelineExecutor is not wired: it returns
+once its jobs are queued, and a DVC stage must end with its outputs written (docs/production.md).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import hashlib
-import io
-import os
-import re
-import socket
 import time
 from collections import Counter
 from functools import partial
@@ -43,8 +41,6 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datatrove.executor import LocalPipelineExecutor
-from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
@@ -58,24 +54,22 @@ from datatrove.pipeline.dedup import (
 )
 from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, LambdaFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
-from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
-from datatrove.utils.logging import setup_default_logger
-from loguru import logger
 
 from lmline import progress
-from lmline.clean_config import CleanConfig, PiiConfig, RayConfig
-from lmline.config import Params, slug_ok
+from lmline.clean_config import CleanConfig
+from lmline.config import slug_ok
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
+from tasks.clean_executor import check_every_task_completed, executor_session, pipeline_executor, quiet_datatrove
 from tasks.clean_fast import (
     FastGopherQualityFilter,
     FastGopherRepetitionFilter,
     FastMinhashDedupSignature,
     FastWordTokenizer,
 )
+from tasks.clean_text import PLACEHOLDERS, Normalise, ScrubPii, chunk_text
 
 QUALITY_FILTERS = {  # the order they run in, FineWeb's: repetition, quality, C4, FineWeb
     "gopher_repetition": FastGopherRepetitionFilter,  # datatrove's, with faster n-gram counting
@@ -87,64 +81,7 @@ RULES = ("min_chars", *QUALITY_FILTERS)
 DEDUP_RULES = ("exact_dup", "near_dup")
 SPLITS = ("train", "val", "test")
 ROLES = ("pretrain", "finetune")
-PLACEHOLDERS = {"url": "<URL>", "email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>"}
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("label", pa.string())])
-# fork, not datatrove's default forkserver: a forkserver pool re-imports everything for each of the
-# six executor runs (~0.7 s each), and forked workers inherit the quieted logs.
-START_METHOD = "fork"
-
-
-# ---------------------------------------------------------------- normalisation (pure)
-# datatrove's FTFY formatter: mends mojibake, removes control characters, unifies line breaks, NFKC.
-_FTFY = FTFYFormatter(normalization="NFKC", fix_line_breaks=True)
-_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # runs, or whitespace other than a space or newline
-_LINE_EDGES = re.compile(r" \n ?|\n ")
-_BLANK_LINES = re.compile(r"\n{3,}")
-
-
-def normalise_whitespace(text: str) -> str:
-    """One space between words, no spaces at line ends, at most one blank line between paragraphs."""
-    text = _LINE_EDGES.sub("\n", _SPACES.sub(" ", text))
-    return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-_PRINTABLE_ASCII = re.compile(r"[\t\n\x20-\x7e]*")
-_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")  # ftfy's own pattern
-
-
-def normalise_text(text: str) -> str:
-    # FTFY changes nothing in printable ASCII without HTML entities (most documents), yet it walks every
-    # line in Python (~4 MB/s): skip it there.
-    plain = _PRINTABLE_ASCII.fullmatch(text) and not _HTML_ENTITY.search(text)
-    return normalise_whitespace(text if plain else _FTFY.format(text))
-
-
-class Normalise(BaseFormatter):
-    name = "normalise (FTFY NFKC + whitespace)"
-
-    def format(self, text: str) -> str:
-        return normalise_text(text)
-
-
-# ---------------------------------------------------------------- chunking (pure)
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-def chunk_text(text: str, max_chars: int) -> list[str]:
-    """Pack whole paragraphs into chunks of at most max_chars; a longer paragraph is packed line by line,
-    and a single line longer than max_chars becomes a chunk of its own (words are never cut)."""
-    chunks, current = [], ""
-    for paragraph in _PARAGRAPH_BREAK.split(text.strip()):
-        pieces = [paragraph] if len(paragraph) <= max_chars else paragraph.split("\n")
-        for i, piece in enumerate(pieces):
-            sep = "\n" if i else "\n\n"
-            if current and len(current) + len(sep) + len(piece) > max_chars:
-                chunks.append(current)
-                current = ""
-            current = current + sep + piece if current else piece
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 # ---------------------------------------------------------------- words
@@ -152,62 +89,6 @@ def word_tokenizer(name: str):
     # One instance for every filter: datatrove caches a text's words per (text, tokenizer), so the
     # filters of a document share a single tokenisation.
     return FastWordTokenizer() if name == "fast" else "en"
-
-
-# ---------------------------------------------------------------- PII (pure)
-# datatrove's PIIFormatter covers e-mails and IPs (all IPs here: by default it keeps private ranges);
-# it has no phone numbers or URLs, so those are lmline's regexes.
-_DATATROVE_PII = PIIFormatter(
-    only_remove_public_ips=False, email_replacement=PLACEHOLDERS["email"], ip_replacement=PLACEHOLDERS["ip"]
-)
-_URL = re.compile(r"\b(?:[a-zA-Z][a-zA-Z0-9+.-]*://|www\.)[^\s<>\"]*[^\s<>\".,;:!?)\]}'’”]")
-# +country code, then (area) or area, then two or three groups; separators required, so plain numbers,
-# years and dates do not match.
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\) ?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])")
-
-
-def _scrubber(kind: str, replace, could_match):
-    placeholder = PLACEHOLDERS[kind]
-
-    def scrub(text: str) -> tuple[str, int]:
-        if not could_match(text):  # the full patterns are slow to find nothing: a cheap test first
-            return text, 0
-        before = text.count(placeholder)  # datatrove's replacers do not count; the placeholders tell
-        text = replace(text)
-        return text, text.count(placeholder) - before
-
-    return scrub
-
-
-_SCRUBBERS = {  # URLs first: an address or IP inside a URL goes with it
-    "url": _scrubber("url", partial(_URL.sub, PLACEHOLDERS["url"]), lambda text: "://" in text or "www." in text),
-    "email": _scrubber("email", _DATATROVE_PII.emails_replacer.replace, lambda text: "@" in text),
-    "ip": _scrubber("ip", _DATATROVE_PII.ip_replacer.replace, re.compile(r"\d\.\d").search),
-    "phone": _scrubber("phone", partial(_PHONE.sub, PLACEHOLDERS["phone"]), re.compile(r"\d{3}[ .-]\d{3}").search),
-}
-
-
-def scrub_pii(text: str, pii: PiiConfig) -> tuple[str, dict[str, int]]:
-    """Replace URLs, e-mail addresses, IPs and phone numbers by placeholders; count them by kind."""
-    found = {}
-    for kind, scrub in _SCRUBBERS.items():
-        if pii.enabled and getattr(pii, kind):
-            text, found[kind] = scrub(text)
-    return text, found
-
-
-class ScrubPii(PipelineStep):
-    name = "PII scrub"
-    type = "✂️ - FORMAT"
-
-    def __init__(self, pii: PiiConfig):
-        super().__init__()
-        self.pii = pii
-
-    def run(self, data, rank: int = 0, world_size: int = 1):
-        for doc in data:
-            doc.text, doc.metadata["pii"] = scrub_pii(doc.text, self.pii)
-            yield doc
 
 
 # ---------------------------------------------------------------- splits (pure)
@@ -298,6 +179,13 @@ def read_raw(files: list[Path]):
                 yield row
 
 
+def source_documents(cfg: CleanConfig, source: str, text: str) -> list[str]:
+    """The documents the rules judge for one raw text: the text whole, or its pieces where the source
+    sets chunk_chars."""
+    max_chars = getattr(cfg.filters.get(source), "chunk_chars", None)
+    return chunk_text(text, max_chars) if max_chars else [text]
+
+
 def write_shards(files: list[Path], cfg: CleanConfig, shard_dir: Path, shards: int) -> dict[str, dict]:
     """Chunk and deal the raw documents round-robin into `shards` JSONL files (datatrove's reader format).
     Returns per source: role, rows, docs_in (after chunking: the unit every rule counts) and bytes_in."""
@@ -311,8 +199,7 @@ def write_shards(files: list[Path], cfg: CleanConfig, shard_dir: Path, shards: i
             t = tally.setdefault(src, {"role": row["role"], "rows": 0, "docs_in": 0, "bytes_in": 0})
             t["rows"] += 1
             t["bytes_in"] += len(row["text"].encode())
-            max_chars = getattr(cfg.filters.get(src), "chunk_chars", None)
-            pieces = chunk_text(row["text"], max_chars) if max_chars else [row["text"]]
+            pieces = source_documents(cfg, src, row["text"])
             for k, text in enumerate(pieces):
                 doc_id = f"{row['id']}#{k}" if len(pieces) > 1 else row["id"]
                 # `order` keeps the input order through the shuffled shards, for a stable output order
@@ -409,122 +296,6 @@ def clean_documents(cfg: CleanConfig, seed: int, sources: list[str], work: Path,
     return kept
 
 
-# ---------------------------------------------------------------- where the passes run
-def pipeline_executor(cfg: CleanConfig, steps: list, tasks: int, workers: int, logs: str) -> PipelineExecutor:
-    """The one place clean.executor is read: the same pipeline and task count, run by processes here
-    or by tasks on the Ray cluster that executor_session connected to."""
-    if cfg.executor == "ray":
-        from datatrove.executor.ray import RayPipelineExecutor
-
-        # workers=-1: as many tasks at once as the cluster has room for (Ray schedules by the reservations)
-        return RayPipelineExecutor(
-            steps, tasks=tasks, workers=-1, logging_dir=logs, cpus_per_task=cfg.ray.cpus_per_task,
-            mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb, time=cfg.ray.task_timeout_s,
-        )
-    return LocalPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=logs, start_method=START_METHOD)
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-
-def import_ray(address: str):
-    """ray, set up for `address`. Ray replaces a loopback address by the machine's outward IP, which a
-    head bound to loopback (the tests', a laptop's) does not answer on; its local-only mode (the one it
-    uses on macOS) keeps loopback. Ray reads that switch when it is first imported."""
-    loopback = address.rpartition(":")[0] in LOOPBACK
-    if loopback:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray._private import ray_constants
-
-    if loopback and getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):
-        raise LmlineError(
-            f"clean.ray.address {address}: a loopback head needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
-            "before Ray is imported (unset it, or give the head's outward address)"
-        )
-    return ray
-
-
-def check_reachable(address: str) -> None:
-    """Fail at once on a head that does not answer: ray.init retries an address for minutes."""
-    if address == "auto":
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise LmlineError(f"clean.ray.address {address}: no Ray head answers there ({exc.strerror or exc})") from None
-
-
-@contextlib.contextmanager
-def executor_session(cfg: CleanConfig):
-    """Be connected to where the passes run for the stage's duration; yield how many tasks fit there at
-    once (the task count for clean.workers: 0)."""
-    if cfg.executor == "local":
-        yield os.cpu_count() or 1
-        return
-    check_reachable(cfg.ray.address)
-    ray = import_ray(cfg.ray.address)
-    try:
-        # log_to_driver off: task errors come back through check_every_task_completed, not as noise
-        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level="WARNING")
-    except ConnectionError as exc:
-        raise LmlineError(f"clean.ray.address {cfg.ray.address}: cannot connect to a Ray cluster ({exc})") from None
-    try:
-        check_a_task_fits(ray.nodes(), cfg.ray)
-        cpus = ray.cluster_resources().get("CPU", 0)
-        yield max(1, int(cpus // cfg.ray.cpus_per_task))
-    finally:
-        ray.shutdown()
-
-
-def check_a_task_fits(nodes: list[dict], ray_cfg: RayConfig) -> None:
-    """Ray waits forever for a reservation no node can hold: fail instead, naming the keys."""
-    memory = ray_cfg.mem_per_cpu_gb * ray_cfg.cpus_per_task * 2**30
-    for node in nodes:
-        have = node.get("Resources", {})
-        if node.get("Alive") and have.get("CPU", 0) >= ray_cfg.cpus_per_task and have.get("memory", 0) >= memory:
-            return
-    biggest = max((n.get("Resources", {}) for n in nodes if n.get("Alive")), key=lambda r: r.get("CPU", 0), default={})
-    raise LmlineError(
-        f"clean.ray: no node of the cluster can hold a task of cpus_per_task={ray_cfg.cpus_per_task} and "
-        f"{memory / 2**30:g} GB (cpus_per_task x mem_per_cpu_gb); the largest has {biggest.get('CPU', 0):g} CPUs "
-        f"and {biggest.get('memory', 0) / 2**30:.1f} GB for tasks"
-    )
-
-
-def check_every_task_completed(executor: PipelineExecutor, what: str) -> None:
-    """Fail closed: LocalPipelineExecutor raises when a task fails, RayPipelineExecutor only logs it;
-    a missing completion mark means a shard's documents are missing from the outputs."""
-    missing = executor.get_incomplete_ranks(range(executor.world_size), skip_completed=True)
-    if missing:
-        cause = last_error(executor, missing[0])
-        raise LmlineError(f"{what}: tasks {missing} of {executor.world_size} did not complete ({cause})")
-
-
-def last_error(executor: PipelineExecutor, rank: int) -> str:
-    """The last line of task `rank`'s log naming an error, for the one-line message."""
-    try:
-        with executor.logging_dir.open(f"logs/task_{rank:05d}.log", "r") as fh:
-            lines = [line.strip() for line in fh if "Error" in line or "Exception" in line]
-    except FileNotFoundError:
-        return "no task log: killed, timed out or never started"
-    return lines[-1][-300:] if lines else "its log names no error"
-
-
-@contextlib.contextmanager
-def quiet_datatrove():
-    """datatrove logs every task at INFO and draws progress bars on stderr; the stage's report is its
-    metrics. (Its log files would go to work/logs, which is deleted with the temp dir.)"""
-    logger.disable("datatrove")
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.enable("datatrove")
-        setup_default_logger()  # datatrove re-adds its console log on whatever stderr was: the real one
-
-
 # ---------------------------------------------------------------- assemble (I/O)
 def read_jsonl_folder(folder: Path) -> list[dict]:
     docs = []
@@ -596,9 +367,9 @@ def write_drops_csv(path: Path, per_source: dict) -> None:
             out.writerows([f"{source}/{rule}", source, rule, n] for rule, n in m["drops"].items())
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    """raw/*.jsonl -> clean/<role>/{train,val,test}.parquet and the drops CSV; returns the metrics."""
-    cfg, seed = params.clean, params.project.seed
+def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+    """raw/*.jsonl -> clean/<role>/{train,val,test}.parquet and the drops CSV; returns the metrics.
+    `seed` (project.seed) places documents in splits and seeds MinHash."""
     started = time.perf_counter()
     files = raw_files(inputs["raw"])
     with atomic_path(outputs["clean"]) as clean_dir, quiet_datatrove(), executor_session(cfg) as slots:

@@ -25,22 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lmline import progress
-from lmline.config import EvaluateConfig, Params
+from lmline.config import EvaluateConfig
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json
-from tasks.finetune import (
+from tasks.finetune_data import classification_metrics, label_ids, source_rows, split_path
+from tasks.models import (
     classification_ids,
-    classification_metrics,
     context_length,
     document_ids,
-    label_ids,
+    load_causal_lm,
+    load_classifier,
     read_info,
-    require_model,
-    source_rows,
-    split_path,
 )
 
 
@@ -171,19 +168,6 @@ def format_samples(model_name: str, prompts: list[str], samples: list[str], cfg:
 
 
 # ---------------------------------------------------------------- I/O
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_causal_lm(path: Path):
-    """A causal LM and its tokenizer; refuses a classifier, whose lm_head would be silently random."""
-    require_model(path)
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    if not any(a.endswith("ForCausalLM") for a in architectures):
-        raise LmlineError(f"{path}: not a causal language model (architectures: {architectures})")
-    return AutoModelForCausalLM.from_pretrained(path).to(device()), AutoTokenizer.from_pretrained(path)
-
-
 def test_tokens(tokens_dir: Path, max_tokens: int | None) -> tuple[torch.Tensor, int]:
     """The packed test tokens (capped), after an eos so the first one is scored too, and the UTF-8
     bytes they encode: the split's bytes pro rata (exact when uncapped)."""
@@ -211,8 +195,7 @@ def evaluate_classifier(tuned: Path, clean: Path, info: dict, cfg: EvaluateConfi
     labels, source = info["labels"], info["source"]
     train, test = source_rows(clean, "train", source), source_rows(clean, "test", source)
     label_ids(test, labels, split_path(clean, "test"))  # fails on a label the model never saw
-    model = AutoModelForSequenceClassification.from_pretrained(tuned).to(device())
-    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    model, tokenizer = load_classifier(tuned)
     predicted = [labels[i] for i in classify(model, tokenizer, [r["text"] for r in test], info["max_length"], cfg.batch_size)]
     actual = [r["label"] for r in test]
 
@@ -247,8 +230,7 @@ def with_prefix(scores: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in scores.items()}
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg, seed = params.evaluate, params.project.seed
+def run(cfg: EvaluateConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     info = read_info(inputs["tuned"])
     base = load_causal_lm(inputs["base"])
 

@@ -7,18 +7,17 @@ training-time budget. A killed run resumes from its last checkpoint when re-run 
 finetune.task = causal-lm: continued next-token training on the same source's text (domain
 adaptation); with `mask_prompt`, the text before `prompt_separator` gets no loss (labels -100).
 
-Writes models/finetune (model + tokenizer + finetune.json, which tells evaluate what the model is),
-plots/finetune_loss.csv, and returns metrics. Bad input fails with an LmlineError before training.
+Writes models/finetune (model + tokenizer + finetune.json, which tells evaluate what the model is:
+tasks/models.py), plots/finetune_loss.csv, and returns metrics. Bad input fails with an LmlineError
+before training. The data helpers are tasks/finetune_data.py; the Trainer set-up shared with
+pretrain is tasks/training.py.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from pathlib import Path
 
-import pyarrow.parquet as pq
-import torch
 import transformers
 from safetensors.torch import load_file
 from transformers import (
@@ -28,7 +27,6 @@ from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
-    PrinterCallback,
     Trainer,
     TrainerState,
     TrainingArguments,
@@ -36,93 +34,28 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from lmline import progress
-from lmline.config import FinetuneConfig, Params
+from lmline.config import FinetuneConfig
 from lmline.errors import LmlineError
-from lmline.io import atomic_path, read_json, write_json
-from tasks import resume
+from lmline.io import atomic_path
+from tasks import resume, training
+from tasks.finetune_data import (
+    classification_metrics,
+    label_ids,
+    label_set,
+    pick_source,
+    read_rows,
+    source_rows,
+    split_path,
+)
+from tasks.models import classification_ids, context_length, document_ids, require_model, write_info
 from tasks.resume import TrainingClock, checkpoint_step
 
-ROLE = "finetune"  # the clean stage's directory for finetune-role sources
-INFO_FILE = "finetune.json"  # inside the model dir: what evaluate needs to know about the model
 IGNORE = -100  # label id the loss skips (torch cross_entropy's ignore_index)
 
 log = logging.getLogger("lmline.finetune")
 
 
-# ---------------------------------------------------------------- data
-def split_path(clean_dir: Path, split: str) -> Path:
-    return Path(clean_dir) / ROLE / f"{split}.parquet"
-
-
-def read_rows(clean_dir: Path, split: str) -> list[dict]:
-    path = split_path(clean_dir, split)
-    if not path.exists():
-        raise LmlineError(f"{path}: no finetune-role data (add an ingest source with role: finetune)")
-    return pq.read_table(path).to_pylist()
-
-
-def pick_source(rows: list[dict], wanted: str | None, path: Path) -> str:
-    """The finetune source to train on: the configured one, or the only one present."""
-    present = sorted({r["source"] for r in rows})
-    if wanted is not None:
-        if wanted not in present:
-            raise LmlineError(f"{path}: no rows from finetune.source {wanted!r} (sources here: {present})")
-        return wanted
-    if len(present) != 1:
-        raise LmlineError(f"{path}: {len(present)} finetune-role sources {present}: set finetune.source")
-    return present[0]
-
-
-def source_rows(clean_dir: Path, split: str, source: str) -> list[dict]:
-    rows = [r for r in read_rows(clean_dir, split) if r["source"] == source]
-    if not rows:
-        raise LmlineError(f"{split_path(clean_dir, split)}: no rows from source {source!r}")
-    return rows
-
-
-def label_set(rows: list[dict], path: Path) -> list[str]:
-    """Sorted labels of a training split; every row must have one and there must be two or more."""
-    if not rows or "label" not in rows[0]:
-        raise LmlineError(f"{path}: no `label` column (classification needs labels; or set finetune.task: causal-lm)")
-    unlabelled = [r["id"] for r in rows if r["label"] in (None, "")]
-    if len(unlabelled) == len(rows):
-        raise LmlineError(f"{path}: the label column is empty (classification needs labels; or set finetune.task: causal-lm)")
-    if unlabelled:
-        raise LmlineError(f"{path}: row {unlabelled[0]!r} has no label ({len(unlabelled)} rows without one)")
-    labels = sorted({r["label"] for r in rows})
-    if len(labels) < 2:
-        raise LmlineError(f"{path}: only one label ({labels[0]!r}); classification needs at least two")
-    return labels
-
-
-def label_ids(rows: list[dict], labels: list[str], path: Path) -> list[int]:
-    index = {label: i for i, label in enumerate(labels)}
-    for r in rows:
-        if r.get("label") not in index:
-            raise LmlineError(f"{path}: row {r['id']!r} has label {r.get('label')!r}, not one of the training labels {labels}")
-    return [index[r["label"]] for r in rows]
-
-
 # ---------------------------------------------------------------- encoding
-def bos_id(tokenizer) -> int:
-    # Pretraining packs documents after an <|endoftext|>, which the tokenizer also declares as bos.
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
-def document_ids(tokenizer, text: str) -> list[int]:
-    """One document's ids as pretraining saw them: bos first, no other special tokens."""
-    return [bos_id(tokenizer)] + tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def classification_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """bos + text + eos, cut to max_length. The classifier reads the last non-pad position, so ending
-    every example on the same eos token gives it the same read-out position whatever the text."""
-    bos, eos = bos_id(tokenizer), tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[bos] + ids[: max_length - 2] + [eos] for ids in encoded]
-
-
 def causal_lm_example(tokenizer, text: str, max_length: int, separator: str | None) -> dict[str, list[int]]:
     """input_ids/attention_mask/labels for next-token training on one document. With a separator, the
     prompt (text up to and including it) is encoded on its own, as generation will see it, and gets
@@ -137,79 +70,25 @@ def causal_lm_example(tokenizer, text: str, max_length: int, separator: str | No
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-# ---------------------------------------------------------------- metrics
-def classification_metrics(actual: list[int], predicted: list[int], n_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 over all labels (a label never predicted counts as F1 0, not skipped)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": float(accuracy_score(actual, predicted)),
-        "macro_f1": float(f1_score(actual, predicted, labels=list(range(n_labels)), average="macro", zero_division=0)),
-    }
-
-
-def loss_history(log_history: list[dict]) -> list[dict]:
-    """Trainer's log_history -> one row per step: step, train_loss, val_loss, val_<metric>..."""
-    rows: dict[int, dict] = {}
-    for entry in log_history:
-        row = rows.setdefault(entry["step"], {"step": entry["step"]})
-        if "loss" in entry:
-            row["train_loss"] = entry["loss"]
-        for key, value in entry.items():
-            if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
-                row["val_" + key.removeprefix("eval_")] = value
-    return [rows[step] for step in sorted(rows) if len(rows[step]) > 1]
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    columns = ["step"] + sorted({k for r in rows for k in r} - {"step"}, key=lambda k: (k != "train_loss", k))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # ---------------------------------------------------------------- training
 def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric: str) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(checkpoints),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+    """The shared arguments (tasks/training.py) plus finetune's own: the Trainer's AdamW with a cosine
+    schedule, and the best checkpoint kept and reloaded at the end."""
+    return training.training_args(
+        checkpoints, seed=seed, max_steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+        save_every=cfg.eval_every,  # load_best_model_at_end needs a checkpoint at every eval
+        log_every=max(1, cfg.eval_every // 10),  # a train-loss curve finer than the eval points
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="cosine",
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        save_strategy="steps",  # load_best_model_at_end needs a checkpoint at every eval
-        save_steps=cfg.eval_every,
-        save_total_limit=2,  # the best and the latest
         load_best_model_at_end=True,
         # EarlyStoppingCallback's count of evals without improvement lives in the checkpoint's
         # trainer_state.json; without this a resumed run would forget it and train longer.
         restore_callback_states_from_checkpoint=True,
         metric_for_best_model=best_metric,
         greater_is_better=best_metric != "loss",
-        logging_steps=max(1, cfg.eval_every // 10),  # a train-loss curve finer than the eval points
-        report_to=[],  # the stage shell logs to MLflow; the Trainer must not open runs of its own
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **resume.device_args(),
-        disable_tqdm=True,
     )
-
-
-def require_model(path: Path) -> None:
-    if not (Path(path) / "config.json").exists():
-        raise LmlineError(f"{path}: no saved model there (no config.json; has its stage run?)")
-
-
-def context_length(model_config) -> int:
-    # Llama-style configs call it max_position_embeddings, GPT-2 calls it n_positions.
-    return getattr(model_config, "max_position_embeddings", None) or model_config.n_positions
 
 
 def classification_setup(cfg: FinetuneConfig, model_dir: Path, clean: Path, tokenizer, source: str, max_length: int):
@@ -263,29 +142,28 @@ def fit(trainer: Trainer, clock: TrainingClock, resume_from: Path | None, done: 
                 raise LmlineError(f"{checkpoint}: not a checkpoint of this model (unexpected {loaded.unexpected_keys[:3]})")
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    history = loss_history(trainer.state.log_history)  # before evaluate() adds a row of its own
+    history = training.loss_history(trainer.state.log_history)  # before evaluate() adds a row of its own
     steps = trainer.state.global_step
     return {
         "steps": steps,
         "best_step": trainer.state.best_global_step,
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
-        "stopped_by": "time_budget" if clock.hit else "max_steps" if steps >= max_steps else "early_stopping",
+        "stopped_by": training.stopped_by(steps, max_steps, clock),
         "train_seconds": round(clock.seconds(), 3),
         "history": history,
         "final": trainer.evaluate(),  # the best checkpoint, reloaded by load_best_model_at_end
     }
 
 
-def fingerprint(params: Params, inputs: dict[str, Path]) -> str:
+def fingerprint(cfg: FinetuneConfig, seed: int, inputs: dict[str, Path]) -> str:
     """What a checkpoint must have been trained on to be resumed: the finetune section, the seed, the
     pretrained model (weights, config, tokenizer) and the finetune-role train and val data."""
     model_files = sorted(p for p in Path(inputs["model"]).iterdir() if p.is_file())
     data = [split_path(inputs["clean"], split) for split in ("train", "val")]
-    return resume.fingerprint(params.finetune, params.project.seed, model_files + data)
+    return resume.fingerprint(cfg, seed, model_files + data)
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg, seed = params.finetune, params.project.seed
+def run(cfg: FinetuneConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     require_model(inputs["model"])
     source = pick_source(read_rows(inputs["clean"], "train"), cfg.source, split_path(inputs["clean"], "train"))
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
@@ -309,47 +187,40 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     # Same params and data as the checkpoints: a killed run continues; anything else starts fresh.
     ckpt_dir = Path(outputs["checkpoints"])
     with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
-        resume_from = resume.resume_point(ckpt_dir, fingerprint(params, inputs))
+        resume_from = resume.resume_point(ckpt_dir, fingerprint(cfg, seed, inputs))
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
     if resume_from:
         log.info("resuming from %s (%.1f s already trained)", resume_from, clock.already_s)
     done = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
-    bar = [] if done else [progress.training_bar(cfg.max_steps, clock.seconds_left, "finetune")]  # no training, no bar
-    trainer = Trainer(
+    trainer = training.make_trainer(
+        "finetune", training_args(cfg, seed, outputs["checkpoints"], best_metric), clock,
+        callbacks=(EarlyStoppingCallback(cfg.early_stopping_patience),),
+        bar=not done,  # no training, no bar
         model=model,
-        args=training_args(cfg, seed, outputs["checkpoints"], best_metric),
         train_dataset=train,
         eval_dataset=val,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(cfg.early_stopping_patience), clock, *bar],
     )
-    trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
     result = fit(trainer, clock, resume_from, done, cfg.max_steps)
 
     history = result.pop("history")
     if trainer.is_world_process_zero():  # several processes (launch_distributed): one writes the outputs
-        write_history(outputs["loss"], history)
+        training.write_loss_csv(outputs["loss"], history)
         with atomic_path(outputs["model"]) as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            write_json(tmp / INFO_FILE, {"task": cfg.task, "source": source, "labels": labels, "max_length": max_length})
+            write_info(tmp, cfg.task, source, labels, max_length)
 
     final = result.pop("final")
     metrics = {"task": cfg.task, "source": source, "train_examples": len(train), "val_examples": len(val), **result}
     metrics["val_loss"] = final["eval_loss"]
     metrics["devices"] = trainer.args.world_size
+    metrics["precision"] = training.pick_precision()
     if cfg.task == "classification":
         metrics.update(labels=labels, val_accuracy=final["eval_accuracy"], val_macro_f1=final["eval_macro_f1"])
     else:
         metrics.update(val_perplexity=math.exp(final["eval_loss"]), mask_prompt=cfg.mask_prompt)
     return metrics
 
-
-def read_info(model_dir: Path) -> dict:
-    """What finetune recorded about a fine-tuned model (task, source, labels, max_length)."""
-    path = Path(model_dir) / INFO_FILE
-    if not path.exists():
-        raise LmlineError(f"{model_dir}: no fine-tuned model there (run the finetune stage first)")
-    return read_json(path)

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lmline import progress, samples
-from lmline.config import Params
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_jsonl
-from lmline.sources import CsvSource, JsonlSource, ParquetSource, SampleSource, Source, TextFilesSource
+from lmline.sources import CsvSource, IngestConfig, JsonlSource, ParquetSource, SampleSource, Source, TextFilesSource
 
 # Documents can be long (a CSV of whole books); the csv module's default cap is 128 KiB per field.
 csv.field_size_limit(2**31 - 1)
@@ -322,11 +321,11 @@ def totals(per_source: dict[str, dict]) -> dict:
     return {key: sum(m[key] for m in per_source.values()) for key in keys}
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+def run(cfg: IngestConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     per_source = {}
     with atomic_path(outputs["raw"]) as raw:
         raw.mkdir()
-        for source in progress.bar(params.ingest.sources, desc="ingest", unit="source"):
+        for source in progress.bar(cfg.sources, desc="ingest", unit="source"):
             docs, counts = read_source(source)
             records = [to_record(source, doc) for doc in docs]
             write_jsonl(raw / f"{source.name}.jsonl", records)
@@ -343,11 +342,11 @@ def human_size(n: float) -> str:
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
-def describe_sources(params: Params) -> list[dict]:
+def describe_sources(cfg: IngestConfig) -> list[dict]:
     """One row per configured source: name, type, role, size on disk, where it comes from. Reads
     nothing but file sizes, so it never downloads a sample and never fails on a missing path."""
     rows = []
-    for s in params.ingest.sources:
+    for s in cfg.sources:
         if isinstance(s, SampleSource):
             size = samples.cached_size(s.corpus_name)
             where = str(samples.data_dir(s.corpus_name)) if size is not None else samples.requirement(s.corpus_name)

@@ -49,7 +49,6 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     LlamaConfig,
-    PrinterCallback,
     Trainer,
     TrainerState,
     TrainingArguments,
@@ -58,16 +57,13 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from lmline import progress
-from lmline.config import Params, PretrainConfig
+from lmline.config import PretrainConfig
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, read_json
-from tasks import resume
+from tasks import resume, training
 from tasks.resume import CLOCK_FILE, TrainingClock, checkpoint_step, resume_point  # noqa: F401  (this stage's API)
 
 log = logging.getLogger("lmline.pretrain")
-
-KEEP_CHECKPOINTS = 2  # a run killed while saving leaves the newest half-written; the one before is used
 
 
 # ---------------------------------------------------------------- data
@@ -201,53 +197,27 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimi
 
 
 # ---------------------------------------------------------------- checkpoints / resume
-def fingerprint(params: Params, tokens_dir: Path, tokenizer_dir: Path) -> str:
+def fingerprint(cfg: PretrainConfig, seed: int, tokens_dir: Path, tokenizer_dir: Path) -> str:
     """What must match for a checkpoint to be resumed: the pretrain section, the seed, the data
     (meta.json holds each split's token and byte counts) and the tokenizer."""
-    return resume.fingerprint(params.pretrain, params.project.seed,
-                              [tokens_dir / "meta.json", *sorted(tokenizer_dir.glob("*.json"))])
+    return resume.fingerprint(cfg, seed, [tokens_dir / "meta.json", *sorted(tokenizer_dir.glob("*.json"))])
 
 
 # ---------------------------------------------------------------- trainer
-def pick_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def training_args(cfg: PretrainConfig, seed: int, output_dir: Path) -> TrainingArguments:
-    precision = pick_precision(cfg.precision)
-    on_gpu = torch.cuda.is_available()
-    tf32 = on_gpu and torch.cuda.get_device_capability()[0] >= 8  # Ampere or newer: fp32 matmuls on tensor cores
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+    """The shared arguments (tasks/training.py) plus pretrain's own: its clipping, accumulation and
+    compile settings, and less per-step overhead (the NaN/inf filter syncs the device every step;
+    evaluation needs the loss only)."""
+    return training.training_args(
+        output_dir, seed=seed, max_steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+        save_every=cfg.checkpoint_every, log_every=cfg.log_every, precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum,
         max_grad_norm=cfg.grad_clip,  # 0 = no clipping
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        logging_steps=cfg.log_every,
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=KEEP_CHECKPOINTS,
-        seed=seed,
-        data_seed=seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        tf32=True if tf32 else None,
         torch_compile=cfg.compile,
-        report_to=[],  # the shell logs to MLflow from the metrics and the loss CSV
-        disable_tqdm=True,
-        # Per-step overhead: windows are slices of a memory-mapped file, so loader worker processes
-        # would add only IPC; pinning needs a GPU; the NaN/inf filter syncs the device every step.
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
         logging_nan_inf_filter=False,
         prediction_loss_only=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        **resume.device_args(),
     )
 
 
@@ -256,18 +226,15 @@ def make_trainer(cfg: PretrainConfig, seed: int, model: nn.Module, train_set, ev
     """The Trainer the stage and the benchmarks share: our AdamW, the budget-aware schedule, the clock."""
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, clock.seconds(), cfg))
-    trainer = Trainer(
+    return training.make_trainer(
+        "pretrain", training_args(cfg, seed, output_dir), clock,
         model=model,
-        args=training_args(cfg, seed, output_dir),
         data_collator=collate_windows,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
         optimizers=(optimizer, schedule),
-        callbacks=[clock, progress.training_bar(cfg.max_steps, lambda: clock.budget_s - clock.seconds(), "pretrain")],
     )
-    trainer.remove_callback(PrinterCallback)  # the clock logs progress through `logging` instead
-    return trainer
 
 
 def load_tokenizer(tokenizer_dir: Path, meta: dict, tokens_dir: Path):
@@ -282,33 +249,9 @@ def load_tokenizer(tokenizer_dir: Path, meta: dict, tokens_dir: Path):
     return tokenizer
 
 
-def loss_rows(log_history: list[dict], final_step: int, final_val: float) -> list[dict]:
-    """Trainer log history -> CSV rows {step, train_loss, val_loss}, blank where not measured; the
-    final whole-split val loss is the last step's val_loss."""
-    rows: dict[int, dict] = {}
-
-    def row(step: int) -> dict:
-        return rows.setdefault(step, {"step": step, "train_loss": "", "val_loss": ""})
-
-    for entry in log_history:
-        if "loss" in entry:
-            row(entry["step"])["train_loss"] = round(entry["loss"], 6)
-        if "eval_loss" in entry:
-            row(entry["step"])["val_loss"] = round(entry["eval_loss"], 6)
-    row(final_step)["val_loss"] = round(final_val, 6)
-    return [rows[s] for s in sorted(rows)]
-
-
-def write_loss_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("step,train_loss,val_loss\n")
-        fh.writelines(f"{r['step']},{r['train_loss']},{r['val_loss']}\n" for r in rows)
-
-
-def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trainer, dict, list[dict]]:
+def train(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trainer, dict, list[dict]]:
     """Train, resuming from `ckpt_dir` when it holds a matching checkpoint. Returns the Trainer (its
     model trained), the metrics and the loss-history rows. Writes nothing outside `ckpt_dir`."""
-    cfg, seed = params.pretrain, params.project.seed
     tokens_dir, tokenizer_dir = Path(inputs["tokens"]), Path(inputs["tokenizer"])
     meta = read_meta(tokens_dir)
     train_tokens = load_split(tokens_dir, meta, "train", cfg.context)
@@ -316,7 +259,7 @@ def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trai
     tokenizer = load_tokenizer(tokenizer_dir, meta, tokens_dir)
 
     with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
-        resume_from = resume_point(ckpt_dir, fingerprint(params, tokens_dir, tokenizer_dir))
+        resume_from = resume_point(ckpt_dir, fingerprint(cfg, seed, tokens_dir, tokenizer_dir))
     start_step = checkpoint_step(resume_from) if resume_from else 0
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, logger=log)
 
@@ -338,20 +281,22 @@ def train(params: Params, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trai
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds, total_seconds = clock.this_attempt(), clock.seconds()
+    log_history = list(trainer.state.log_history)  # before evaluate() adds a row of its own
     val_loss = trainer.evaluate(eval_dataset=val_windows, metric_key_prefix="val")["val_loss"]
 
     steps = trainer.state.global_step
     metrics = training_metrics(
-        cfg, meta, model, trainer.state.log_history, steps=steps, start_step=start_step,
+        cfg, meta, model, log_history, steps=steps, start_step=start_step,
         seconds=seconds, total_seconds=total_seconds, val_loss=val_loss,
         val_windows=len(val_windows), devices=trainer.args.world_size,
+        stopped_by=training.stopped_by(steps, cfg.max_steps, clock),
     )
-    return trainer, metrics, loss_rows(trainer.state.log_history, steps, val_loss)
+    return trainer, metrics, training.loss_history(log_history, final={"step": steps, "val_loss": val_loss})
 
 
 def training_metrics(cfg: PretrainConfig, meta: dict, model: nn.Module, log_history: list[dict], *, steps: int,
                      start_step: int, seconds: float, total_seconds: float, val_loss: float, val_windows: int,
-                     devices: int) -> dict:
+                     devices: int, stopped_by: str) -> dict:
     """The stage's metrics. Speed counts this attempt only (0 when a resumed run had nothing left)."""
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context * devices
     tokens_per_s = (steps - start_step) * tokens_per_step / seconds if seconds > 0 else 0.0
@@ -369,22 +314,22 @@ def training_metrics(cfg: PretrainConfig, meta: dict, model: nn.Module, log_hist
         "parameters": model.num_parameters(),
         "steps": steps,
         "resumed_from_step": start_step,
-        "stopped_by": "max_steps" if steps >= cfg.max_steps else "max_minutes",
+        "stopped_by": stopped_by,
         "mfu": round(flops_per_token * tokens_per_s / (cfg.peak_flops * devices), 6),
         "flops_per_token": flops_per_token,
-        "precision": pick_precision(cfg.precision),
+        "precision": training.pick_precision(cfg.precision),
         "devices": devices,
     }
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+def run(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     hf_logging.disable_progress_bar()  # no tqdm bars in DVC / Prefect logs
     ckpt_dir = Path(outputs["checkpoints"])
-    trainer, metrics, history = train(params, inputs, ckpt_dir)
+    trainer, metrics, history = train(cfg, seed, inputs, ckpt_dir)
     if trainer.is_world_process_zero():
         with atomic_path(outputs["model"]) as tmp:
             trainer.model.save_pretrained(tmp)  # safetensors + config + generation config
             trainer.processing_class.save_pretrained(tmp)
-        write_loss_csv(Path(outputs["loss"]), history)
+        training.write_loss_csv(Path(outputs["loss"]), history)
         # The checkpoints stay until the shell has logged the run too (lmline.cli.run_stage deletes them).
     return metrics

@@ -50,7 +50,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lmline import progress
-from lmline.config import Params, TokenizeConfig
+from lmline.config import TokenizeConfig
 from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_json
 
@@ -283,8 +283,8 @@ def worker_count(num_proc: int) -> int:
 
 
 # ---------------------------------------------------------------- stage
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg, threads = params.tokenize, worker_count(params.tokenize.num_proc)
+def run(cfg: TokenizeConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+    threads = worker_count(cfg.num_proc)
     started = time.perf_counter()
     paths = split_paths(inputs["clean"])
     texts = {split: read_texts(path) for split, path in paths.items()}
@@ -292,7 +292,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         raise LmlineError(f"{paths['train']}: no documents to train the tokenizer on")
 
     train_started = time.perf_counter()
-    sample = training_sample(texts["train"], cfg.train_sample_mb, params.project.seed)
+    sample = training_sample(texts["train"], cfg.train_sample_mb, seed)
     tokenizer = train_tokenizer(sample, cfg, threads)
     train_seconds = time.perf_counter() - train_started
 

@@ -42,6 +42,17 @@ def workspace(tmp_path, monkeypatch, mlflow_template):
     return tmp_path
 
 
+SEED = config.ProjectConfig().seed  # params.yaml's project.seed when a test sets none
+
+
+def stage_io(stage: str, **paths) -> tuple[dict[str, Path], dict[str, Path]]:
+    """A stage's inputs and outputs under the default paths (or `paths` overrides), relative to the
+    workspace: what a stage test passes to run() beside its own tiny section, no whole Params needed."""
+    from types import SimpleNamespace
+
+    return config.stage_io(SimpleNamespace(paths=config.PathsConfig(**paths)), stage)
+
+
 def write_params(path: Path, sections: dict) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False), encoding="utf-8")
     return path

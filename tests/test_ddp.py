@@ -14,9 +14,11 @@ import mlflow
 import psutil
 import pytest
 
-from conftest import BIN
+from lmline import config
+
+from conftest import BIN, write_params
 from test_faults import stage_env
-from test_pretrain import complete_checkpoints, stage, tokenized  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
+from test_pretrain import TINY, complete_checkpoints, stage, tokenized  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
 
 STEPS = 12
 SHAPE = {"max_steps": STEPS, "eval_every": 6, "checkpoint_every": 6, "log_every": 3, "warmup_steps": 2}
@@ -29,6 +31,17 @@ LOSS_TOLERANCE = 0.02
 
 
 LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def write_stage_params(workspace, **pretrain) -> None:
+    """The params.yaml `lmline stage pretrain` reads in the workspace; the tests' `stage` fixture has
+    linked the tokenized data in at the paths it names."""
+    write_params(workspace / "params.yaml", {
+        "project": {"seed": 7},
+        "paths": {**config.PathsConfig().model_dump(), "tokenizer": "shared/tokenizer", "tokens": "shared/tokens"},
+        "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
+        "pretrain": {**TINY, **pretrain},
+    })
 
 
 def run_launcher(workspace, *overrides: str, listeners: set | None = None) -> tuple[dict, str]:
@@ -68,7 +81,7 @@ def poll_listeners(launcher: subprocess.Popen, found: set) -> None:
 @pytest.mark.slow
 @pytest.mark.integration  # ~35 s each on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspace):  # noqa: F811
-    stage(**SHAPE)
+    write_stage_params(workspace, **SHAPE)
     single, _ = run_launcher(workspace, "pretrain.batch_size=8")
     model = workspace / "models/pretrain"
     single_model = (model / "model.safetensors").stat().st_mtime_ns
@@ -104,7 +117,7 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
 @pytest.mark.slow
 @pytest.mark.integration  # ~35 s each on 2 cores: `make test-integration`, run by .ci/run after `make test`
 def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, workspace):  # noqa: F811
-    stage(**{**SHAPE, "max_steps": 60})
+    write_stage_params(workspace, **{**SHAPE, "max_steps": 60})
     ddp = ["--set", "pretrain.batch_size=4", "--set", "pretrain.devices=2"]
     ckpt_dir = workspace / "checkpoints/pretrain"
     launcher = subprocess.Popen([str(BIN / "lmline"), "stage", "pretrain", *ddp], cwd=workspace,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmline import config
+from lmline import config, stages
 
 from conftest import REPO
 
@@ -65,3 +65,32 @@ def test_stage_declares_its_paths_code_and_metrics(stage):
 
 def test_the_data_stages_exist_in_order():
     assert list(STAGES)[:3] == ["ingest", "clean", "tokenize"]
+
+
+def dvc_params() -> dict[str, list[str]]:
+    """Each stage's `params:` list in dvc.yaml, as written."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("params", []) for name, stage in stages.items()}
+
+
+@pytest.mark.parametrize("stage", stages.NAMES)
+def test_stage_params_are_what_its_run_reads(stage):
+    """dvc.yaml's `params:` = lmline.stages' params = run()'s signature: its own section's config
+    class first, `seed` exactly where the stage reads project.seed, nothing else from params.yaml."""
+    import importlib
+    import inspect
+    import typing
+
+    facts = stages.STAGES[stage]
+    assert dvc_params()[stage] == list(facts.params)
+
+    run = importlib.import_module(f"tasks.{stage}").run
+    names = list(inspect.signature(run).parameters)
+    hints = typing.get_type_hints(run)
+    section_class = type(getattr(PARAMS, facts.section))
+    assert names[0] == "cfg" and hints["cfg"] is section_class, f"{stage}.run takes its {facts.section} section first"
+    assert names[1:] == (["seed"] if facts.uses_seed else []) + ["inputs", "outputs"]
+    assert ("seed" in names) == (stages.SEED_KEY in dvc_params()[stage])
+    assert config.stage_args(PARAMS, stage).keys() == set(names) - {"inputs", "outputs"}  # what the shell passes

@@ -19,6 +19,8 @@ from lmline.errors import LmlineError
 from tasks import evaluate
 from test_finetune import SOURCE, run_finetune, save_tiny_lm, toy_lm, toy_rows, write_clean, write_toy_clean
 
+from conftest import SEED, stage_io
+
 EVAL = {"prompts": ["a great", "the cast"], "max_new_tokens": 5, "batch_size": 4}
 
 
@@ -105,29 +107,25 @@ def test_majority_ties_go_to_the_first_label_in_sort_order():
 
 
 # ---------------------------------------------------------------- the stage
-def evaluate_params(make_params, **finetune):
-    params, _ = make_params({
-        "ingest": {"sources": [SOURCE]},
-        "finetune": {"batch_size": 8, "lr": 5e-3, "warmup_steps": 0, "max_steps": 4, "eval_every": 2, "max_length": 64, **finetune},
-        "evaluate": EVAL,
-    })
-    return params
+def finetune_first(**finetune):
+    """Fine-tune the toy LM as the evaluate tests need it (the finetune stage's outputs are evaluate's inputs)."""
+    run_finetune(config.FinetuneConfig(
+        batch_size=8, lr=5e-3, warmup_steps=0, max_steps=4, eval_every=2, max_length=64, **finetune))
 
 
-def run_evaluate(params):
-    inputs, outputs = config.stage_io(params, "evaluate")
-    return evaluate.run(params, inputs, outputs), outputs
+def run_evaluate():
+    inputs, outputs = stage_io("evaluate")
+    return evaluate.run(config.EvaluateConfig(**EVAL), SEED, inputs, outputs), outputs
 
 
-def test_run_scores_lm_task_and_baselines(workspace, make_params):
+def test_run_scores_lm_task_and_baselines(workspace):
     model, tokenizer = uniform_lm(workspace)
     write_toy_clean(workspace)
     test_texts = [r["text"] for r in toy_rows(30, 400)]
     n_tokens, n_bytes = write_test_tokens(workspace, tokenizer, test_texts)
-    params = evaluate_params(make_params)
-    run_finetune(params)
+    finetune_first()
 
-    metrics, outputs = run_evaluate(params)
+    metrics, outputs = run_evaluate()
 
     lm = metrics["lm"]
     assert (lm["test_tokens"], lm["test_bytes"], lm["context"]) == (n_tokens, n_bytes, 64)
@@ -146,11 +144,11 @@ def test_run_scores_lm_task_and_baselines(workspace, make_params):
     assert "temperature=0.8 top_k=40 max_new_tokens=5 seed=1337" in samples
     assert all(f"## prompt: {p!r}\n{p}" in samples for p in EVAL["prompts"])
 
-    again, _ = run_evaluate(params)  # same data + params + seed -> same metrics and samples
+    again, _ = run_evaluate()  # same data + params + seed -> same metrics and samples
     assert again == metrics and outputs["samples"].read_text() == samples
 
 
-def test_max_eval_tokens_caps_the_lm_score(workspace, make_params):
+def test_max_eval_tokens_caps_the_lm_score(workspace):
     model, tokenizer = uniform_lm(workspace)
     n_tokens, n_bytes = write_test_tokens(workspace, tokenizer, [r["text"] for r in toy_rows(30, 400)])
     cfg = config.EvaluateConfig(max_eval_tokens=50)
@@ -158,16 +156,15 @@ def test_max_eval_tokens_caps_the_lm_score(workspace, make_params):
     assert (lm["test_tokens"], lm["test_bytes"]) == (50, round(n_bytes * 50 / n_tokens))
 
 
-def test_run_for_a_causal_lm_finetune_compares_with_the_base_model(workspace, make_params):
+def test_run_for_a_causal_lm_finetune_compares_with_the_base_model(workspace):
     toy_lm(workspace)
     tokenizer = AutoTokenizer.from_pretrained(workspace / "models/pretrain")
     rows = [dict(r, label=None) for r in toy_rows(30)]
     write_clean(workspace, {"train": rows[:20], "val": rows[20:25], "test": rows[25:]})
     write_test_tokens(workspace, tokenizer, [r["text"] for r in toy_rows(10, 400)])
-    params = evaluate_params(make_params, task="causal-lm")
-    run_finetune(params)
+    finetune_first(task="causal-lm")
 
-    metrics, outputs = run_evaluate(params)
+    metrics, outputs = run_evaluate()
 
     assert set(metrics["task"]) == {"test_bits_per_byte", "test_perplexity", "test_tokens", "test_bytes"}
     base = metrics["baselines"]["base_model"]
@@ -177,10 +174,10 @@ def test_run_for_a_causal_lm_finetune_compares_with_the_base_model(workspace, ma
     assert outputs["confusion"].read_text() == "actual,predicted\n"  # the declared DVC out, with no classes
 
 
-def test_run_without_a_finetuned_model_fails(workspace, make_params):
+def test_run_without_a_finetuned_model_fails(workspace):
     toy_lm(workspace)
     with pytest.raises(LmlineError, match=r"^models/finetune: no fine-tuned model there"):
-        run_evaluate(evaluate_params(make_params))
+        run_evaluate()
 
 
 # ---------------------------------------------------------------- lmline evaluate-text

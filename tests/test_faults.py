@@ -85,7 +85,7 @@ def prepared(tmp_path_factory, mlflow_template) -> dict:
         for name, module in (("ingest", ingest), ("clean", clean), ("tokenize", tokenize), ("pretrain", pretrain),
                              ("finetune", finetune)):
             inputs, outputs = config.stage_io(params, name)
-            reference[name] = module.run(params, inputs, outputs)
+            reference[name] = module.run(**config.stage_args(params, name), inputs=inputs, outputs=outputs)
         shutil.rmtree(root / "checkpoints")
         shutil.rmtree(root / params.paths.finetune_model)
     finally:

@@ -27,7 +27,10 @@ from transformers import (
 
 from lmline import config
 from lmline.errors import LmlineError
-from tasks import finetune
+from tasks import finetune, training
+from tasks.models import classification_ids, document_ids, read_info
+
+from conftest import SEED, stage_io
 
 POSITIVE = ["great", "wonderful", "superb", "delightful", "brilliant"]
 NEGATIVE = ["awful", "boring", "dreadful", "terrible", "tedious"]
@@ -106,22 +109,21 @@ def toy_lm(root: Path, **kwargs) -> Path:
 FAST = {"batch_size": 8, "lr": 5e-3, "warmup_steps": 0, "max_steps": 40, "eval_every": 10, "max_length": 32}
 
 
-def finetune_params(make_params, **section):
-    params, _ = make_params({"ingest": {"sources": [SOURCE]}, "finetune": {**FAST, **section}})
-    return params
+def finetune_cfg(**section) -> config.FinetuneConfig:
+    return config.FinetuneConfig(**{**FAST, **section})
 
 
-def run_finetune(params):
-    inputs, outputs = config.stage_io(params, "finetune")
-    return finetune.run(params, inputs, outputs), outputs
+def run_finetune(cfg: config.FinetuneConfig):
+    inputs, outputs = stage_io("finetune")
+    return finetune.run(cfg, SEED, inputs, outputs), outputs
 
 
 # ---------------------------------------------------------------- classification
-def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace, make_params):
+def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace):
     toy_lm(workspace)
     write_toy_clean(workspace)
-    params = finetune_params(make_params, early_stopping_patience=1)
-    metrics, outputs = run_finetune(params)
+    cfg = finetune_cfg(early_stopping_patience=1)
+    metrics, outputs = run_finetune(cfg)
 
     assert metrics["labels"] == ["fresh", "rotten"]
     assert metrics["val_accuracy"] == 1.0 and metrics["val_macro_f1"] == 1.0
@@ -131,7 +133,7 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
 
     # Killed after its last checkpoint, before the shell deleted it: the re-run trains nothing more
     # and ends with the same best model and numbers.
-    again, _ = run_finetune(params)
+    again, _ = run_finetune(cfg)
     assert (again["resumed_from_step"], metrics["resumed_from_step"]) == (metrics["steps"], 0)
     drop = ("train_seconds", "resumed_from_step")
     assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in metrics.items() if k not in drop}
@@ -144,32 +146,32 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
     model = AutoModelForSequenceClassification.from_pretrained(outputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(outputs["model"])
     assert model.config.id2label == {0: "fresh", 1: "rotten"}
-    assert finetune.read_info(outputs["model"]) == {
+    assert read_info(outputs["model"]) == {
         "task": "classification", "source": "rotten_tomatoes", "labels": ["fresh", "rotten"], "max_length": 32
     }
     texts = ["a superb cast, truly great.", "a dreadful script, truly boring."]  # word pairs never seen together
-    ids = finetune.classification_ids(tokenizer, texts, 32)
+    ids = classification_ids(tokenizer, texts, 32)
     logits = model(**tokenizer.pad({"input_ids": ids}, return_tensors="pt")).logits
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ["fresh", "rotten"]
     assert not any(p.name.startswith(".") for p in outputs["model"].parent.iterdir())  # no temp dirs left
 
 
-def test_same_seed_same_metrics(workspace, make_params):
+def test_same_seed_same_metrics(workspace):
     toy_lm(workspace)
     write_toy_clean(workspace)
-    params = finetune_params(make_params, max_steps=6, eval_every=3)
-    first, outputs = run_finetune(params)
+    cfg = finetune_cfg(max_steps=6, eval_every=3)
+    first, outputs = run_finetune(cfg)
     shutil.rmtree(outputs["checkpoints"])  # as the shell does after logging: the next run starts fresh
-    second, _ = run_finetune(params)
+    second, _ = run_finetune(cfg)
     drop = ("train_seconds",)
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
 
 
-def test_time_budget_stops_training(workspace, make_params):
+def test_time_budget_stops_training(workspace):
     toy_lm(workspace)
     write_toy_clean(workspace)
-    metrics, _ = run_finetune(finetune_params(make_params, max_minutes=1e-6, max_steps=40))
-    assert metrics["stopped_by"] == "time_budget" and metrics["steps"] == 1
+    metrics, _ = run_finetune(finetune_cfg(max_minutes=1e-6, max_steps=40))
+    assert metrics["stopped_by"] == training.TIME_BUDGET == "time_budget" and metrics["steps"] == 1
 
 
 # ---------------------------------------------------------------- causal-lm
@@ -177,7 +179,7 @@ def test_prompt_masking_labels(workspace):
     tokenizer = AutoTokenizer.from_pretrained(toy_lm(workspace))
     sep = "\n### Response:\n"
     example = finetune.causal_lm_example(tokenizer, "Q: is it good?" + sep + "yes it is.", 64, sep)
-    prompt = finetune.document_ids(tokenizer, "Q: is it good?" + sep)
+    prompt = document_ids(tokenizer, "Q: is it good?" + sep)
     response = tokenizer("yes it is.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     assert example["input_ids"] == prompt + response
@@ -188,21 +190,21 @@ def test_prompt_masking_labels(workspace):
     assert len(cut["input_ids"]) == len(cut["labels"]) == 5
 
 
-def test_causal_lm_run_with_prompt_masking(workspace, make_params):
+def test_causal_lm_run_with_prompt_masking(workspace):
     toy_lm(workspace)
     sep = "\n### Response:\n"
     rows = [{"id": f"qa-{i}", "source": "rotten_tomatoes", "text": f"Q: is the {t} good?{sep}yes, {w}.", "label": None}
             for i, (t, w) in enumerate(zip(THINGS * 4, POSITIVE * 5))]
     write_clean(workspace, {"train": rows[:16], "val": rows[16:20], "test": rows[20:]})
     metrics, outputs = run_finetune(
-        finetune_params(make_params, task="causal-lm", mask_prompt=True, max_steps=10, eval_every=5, max_length=64)
+        finetune_cfg(task="causal-lm", mask_prompt=True, max_steps=10, eval_every=5, max_length=64)
     )
 
     assert metrics["task"] == "causal-lm" and metrics["mask_prompt"] is True
     assert math.isfinite(metrics["val_loss"]) and metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     model = AutoModelForCausalLM.from_pretrained(outputs["model"])
     assert model.config.architectures == ["LlamaForCausalLM"]
-    assert finetune.read_info(outputs["model"])["task"] == "causal-lm"
+    assert read_info(outputs["model"])["task"] == "causal-lm"
 
 
 # ---------------------------------------------------------------- bad input
@@ -249,32 +251,32 @@ def two_sources(root):
         (two_sources, "2 finetune-role sources ['imdb', 'rotten_tomatoes']: set finetune.source"),
     ],
 )
-def test_bad_data_fails_before_training(workspace, make_params, make_data, message):
+def test_bad_data_fails_before_training(workspace, make_data, message):
     toy_lm(workspace)
     make_data(workspace)
     with pytest.raises(LmlineError, match=re.escape(message)):
-        run_finetune(finetune_params(make_params))
+        run_finetune(finetune_cfg())
     assert not (workspace / "models/finetune").exists() and not (workspace / "checkpoints").exists()
 
 
-def test_missing_model_fails(workspace, make_params):
+def test_missing_model_fails(workspace):
     write_toy_clean(workspace)
     with pytest.raises(LmlineError, match=r"^models/pretrain: no saved model there"):
-        run_finetune(finetune_params(make_params))
+        run_finetune(finetune_cfg())
 
 
-def test_prompts_longer_than_max_length_fail_before_training(workspace, make_params):
+def test_prompts_longer_than_max_length_fail_before_training(workspace):
     toy_lm(workspace)
     rows = [{"id": f"qa-{i}", "source": "rotten_tomatoes", "text": "Q: " + "very " * 40 + "long?\n### Response:\nyes", "label": None}
             for i in range(4)]
     write_clean(workspace, {"train": rows, "val": rows})
     with pytest.raises(LmlineError, match=r"train.parquet: no example has a response within finetune.max_length=32"):
-        run_finetune(finetune_params(make_params, task="causal-lm", mask_prompt=True))
+        run_finetune(finetune_cfg(task="causal-lm", mask_prompt=True))
 
 
 def test_eval_every_beyond_max_steps_is_a_config_error(make_params):
     with pytest.raises(config.ConfigError, match=r"^params.yaml: finetune: eval_every \(50\) must be <= max_steps \(10\)"):
-        finetune_params(make_params, max_steps=10, eval_every=50)
+        make_params({"ingest": {"sources": [SOURCE]}, "finetune": {**FAST, "max_steps": 10, "eval_every": 50}})
 
 
 def test_loss_history_merges_train_and_eval_rows():
@@ -284,7 +286,7 @@ def test_loss_history_merges_train_and_eval_rows():
         {"step": 4, "eval_loss": 1.3, "eval_accuracy": 0.5, "eval_runtime": 0.1, "epoch": 1.0},
         {"step": 4, "train_runtime": 3.0},
     ]
-    assert finetune.loss_history(log) == [
+    assert training.loss_history(log) == [
         {"step": 2, "train_loss": 1.5},
         {"step": 4, "train_loss": 1.2, "val_loss": 1.3, "val_accuracy": 0.5},
     ]

@@ -30,7 +30,7 @@ def write(path: str, content: str | bytes) -> Path:
 
 def run_ingest(make_params, *sources: dict) -> tuple[dict, dict[str, list[dict]]]:
     params, _ = make_params({"ingest": {"sources": list(sources)}})
-    metrics = ingest.run(params, *config.stage_io(params, "ingest"))
+    metrics = ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     raw = Path(params.paths.raw)
     return metrics, {s["name"]: list(read_jsonl(raw / f"{s['name']}.jsonl")) for s in sources}
 
@@ -148,9 +148,9 @@ def test_same_inputs_give_the_same_bytes_and_a_rerun_replaces_the_raw_dir(make_p
     write("corpus/a.txt", "hello")
     params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/a.txt"}]}})
     write("data/raw/stale.jsonl", "{}\n")  # from an earlier config: must not survive a rewrite
-    first = ingest.run(params, *config.stage_io(params, "ingest"))
+    first = ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     before = Path("data/raw/a.jsonl").read_bytes()
-    assert ingest.run(params, *config.stage_io(params, "ingest")) == first
+    assert ingest.run(params.ingest, *config.stage_io(params, "ingest")) == first
     assert Path("data/raw/a.jsonl").read_bytes() == before
     assert sorted(p.name for p in Path("data").iterdir()) == ["raw"]  # no temp dirs left beside it
     assert sorted(p.name for p in Path("data/raw").iterdir()) == ["a.jsonl"]
@@ -206,7 +206,7 @@ def test_bad_input_names_source_and_file_and_leaves_no_output(make_params, case,
         {"name": "bad", **source},
     ]}})
     with pytest.raises(LmlineError) as err:
-        ingest.run(params, *config.stage_io(params, "ingest"))
+        ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     assert re.match(message, str(err.value)), str(err.value)
     assert not Path("data").exists() or list(Path("data").iterdir()) == []
 
@@ -214,10 +214,10 @@ def test_bad_input_names_source_and_file_and_leaves_no_output(make_params, case,
 def test_a_failed_run_keeps_the_previous_raw_dir(make_params):
     write("corpus/a.txt", "version one")
     params, _ = make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/a.txt"}]}})
-    ingest.run(params, *config.stage_io(params, "ingest"))
+    ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     Path("corpus/a.txt").unlink()
     with pytest.raises(LmlineError, match="no files match"):
-        ingest.run(params, *config.stage_io(params, "ingest"))
+        ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     assert [r["text"] for r in read_jsonl("data/raw/a.jsonl")] == ["version one"]
     assert sorted(p.name for p in Path("data").iterdir()) == ["raw"]
 

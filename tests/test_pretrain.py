@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmline import config
 from lmline.errors import LmlineError
-from tasks import pretrain
+from tasks import pretrain, training
 
-from conftest import REPO, sentence
+from conftest import REPO, SEED, sentence, stage_io
 
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 64, "context": 32, "batch_size": 8, "max_steps": 30,
         "warmup_steps": 5, "eval_every": 10, "eval_batches": 2, "log_every": 5, "checkpoint_every": 10,
@@ -42,45 +42,34 @@ def tokenized(tmp_path_factory) -> dict[str, Path]:
     (root / "clean/pretrain").mkdir(parents=True)
     for split, part in {"train": docs[:340], "val": docs[340:370], "test": docs[370:]}.items():
         pq.write_table(pa.table({"text": part}), root / f"clean/pretrain/{split}.parquet")
-    params = config.Params.model_validate({  # paths are relative to the workspace: tokenize runs in root
-        "paths": {"clean": "clean", "tokenizer": "tokenizer", "tokens": "tokens"},
-        "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
-        "tokenize": {"vocab_size": 300, "num_proc": 1},
-    })
+    cfg = config.TokenizeConfig(vocab_size=300, num_proc=1)
     cwd = os.getcwd()
-    os.chdir(root)
+    os.chdir(root)  # paths are relative to the workspace: tokenize runs in root
     try:
-        tokenize.run(params, *config.stage_io(params, "tokenize"))
+        tokenize.run(cfg, SEED, *stage_io("tokenize", clean="clean", tokenizer="tokenizer", tokens="tokens"))
     finally:
         os.chdir(cwd)
     return {"tokenizer": root / "tokenizer", "tokens": root / "tokens"}
 
 
 @pytest.fixture
-def stage(make_params, tokenized, workspace):
-    """stage(**pretrain_overrides) -> (params, params path, inputs, outputs) in the test's workspace,
-    which reaches the module's tokenized data through links (paths.* lie inside the workspace)."""
+def stage(tokenized, workspace):
+    """stage(seed, **pretrain_overrides) -> (cfg, seed, inputs, outputs) in the test's workspace, which
+    reaches the module's tokenized data through links (paths.* lie inside the workspace)."""
     (workspace / "shared").mkdir()
     for name in ("tokenizer", "tokens"):
         (workspace / "shared" / name).symlink_to(tokenized[name], target_is_directory=True)
 
     def make(seed: int = 7, **overrides):
-        paths = {**config.PathsConfig().model_dump(), "tokenizer": "shared/tokenizer", "tokens": "shared/tokens"}
-        params, path = make_params({
-            "project": {"seed": seed},
-            "paths": paths,
-            "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
-            "pretrain": {**TINY, **overrides},
-        })
-        inputs, outputs = config.stage_io(params, "pretrain")
-        return params, path, inputs, outputs
+        inputs, outputs = stage_io("pretrain", tokenizer="shared/tokenizer", tokens="shared/tokens")
+        return config.PretrainConfig(**{**TINY, **overrides}), seed, inputs, outputs
 
     return make
 
 
 def test_run_trains_and_writes_a_loadable_model(stage):
-    params, _, inputs, outputs = stage()
-    metrics = pretrain.run(params, inputs, outputs)
+    cfg, seed, inputs, outputs = stage()
+    metrics = pretrain.run(cfg, seed, inputs, outputs)
 
     model = AutoModelForCausalLM.from_pretrained(outputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(outputs["model"])
@@ -114,8 +103,8 @@ def test_run_trains_and_writes_a_loadable_model(stage):
 
 def test_same_seed_same_metrics_other_seed_differs(stage):
     def trained(seed):
-        params, _, inputs, outputs = stage(seed=seed, max_steps=15)
-        metrics = pretrain.run(params, inputs, outputs)
+        cfg, seed, inputs, outputs = stage(seed=seed, max_steps=15)
+        metrics = pretrain.run(cfg, seed, inputs, outputs)
         shutil.rmtree(outputs["checkpoints"])  # as the shell does after logging: the next run starts fresh
         return {k: v for k, v in metrics.items() if k not in TIMING}
 
@@ -125,18 +114,19 @@ def test_same_seed_same_metrics_other_seed_differs(stage):
 
 
 def test_wall_clock_budget_stops_training_and_still_saves(stage):
-    params, _, inputs, outputs = stage(max_steps=100_000, max_minutes=0.03)  # 1.8 s
-    metrics = pretrain.run(params, inputs, outputs)
-    assert metrics["stopped_by"] == "max_minutes"
+    cfg, seed, inputs, outputs = stage(max_steps=100_000, max_minutes=0.03)  # 1.8 s
+    metrics = pretrain.run(cfg, seed, inputs, outputs)
+    assert metrics["stopped_by"] == training.TIME_BUDGET == "time_budget"
     assert 0 < metrics["steps"] < 100_000
     assert 1.8 <= metrics["train_seconds"] < 10
     assert (outputs["model"] / "model.safetensors").is_file()
     assert outputs["loss"].read_text().splitlines()[-1].split(",")[0] == str(metrics["steps"])
 
 
-RUN_STAGE = (
-    "from lmline import config; from tasks import pretrain; p = config.load('params.yaml'); "
-    "i, o = config.stage_io(p, 'pretrain'); pretrain.run(p, i, o)"
+RUN_STAGE = (  # argv: the pretrain section as JSON, the seed
+    "import json, sys; from lmline import config; from tasks import pretrain; from conftest import stage_io; "
+    "pretrain.run(config.PretrainConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), "
+    "*stage_io('pretrain', tokenizer='shared/tokenizer', tokens='shared/tokens'))"
 )
 
 
@@ -145,8 +135,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[int]:
 
 
 def test_rerun_after_a_crash_resumes_from_the_last_checkpoint(stage, workspace):
-    params, _, inputs, outputs = stage(max_steps=200)
-    proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE], cwd=workspace,
+    cfg, seed, inputs, outputs = stage(max_steps=200)
+    proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, cfg.model_dump_json(), str(seed)], cwd=workspace,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while not complete_checkpoints(outputs["checkpoints"]) and proc.poll() is None:
@@ -158,13 +149,13 @@ def test_rerun_after_a_crash_resumes_from_the_last_checkpoint(stage, workspace):
     last = complete_checkpoints(outputs["checkpoints"])[-1]
     assert not outputs["model"].exists()
 
-    metrics = pretrain.run(params, inputs, outputs)
+    metrics = pretrain.run(cfg, seed, inputs, outputs)
     assert metrics["resumed_from_step"] == last > 0
     assert metrics["steps"] == 200
 
     # the resumed run ends where an uninterrupted one does (same data order, optimizer state, schedule)
     shutil.rmtree(outputs["checkpoints"])
-    fresh = pretrain.run(params, inputs, outputs)
+    fresh = pretrain.run(cfg, seed, inputs, outputs)
     assert fresh["resumed_from_step"] == 0
     assert metrics["val_loss"] == pytest.approx(fresh["val_loss"], abs=1e-4)
 
@@ -172,8 +163,8 @@ def test_rerun_after_a_crash_resumes_from_the_last_checkpoint(stage, workspace):
 def test_changed_params_seed_or_data_start_fresh(stage, tokenized, workspace):
     def checkpointed(**overrides) -> dict:
         """Train like a run killed after its last checkpoint: the checkpoints stay."""
-        params, _, inputs, outputs = stage(**overrides)
-        return pretrain.train(params, inputs, outputs["checkpoints"])[1]
+        cfg, seed, inputs, outputs = stage(**overrides)
+        return pretrain.train(cfg, seed, inputs, outputs["checkpoints"])[1]
 
     assert checkpointed()["resumed_from_step"] == 0
     assert complete_checkpoints(workspace / "checkpoints/pretrain") == [20, 30]  # the last two are kept
@@ -185,26 +176,26 @@ def test_changed_params_seed_or_data_start_fresh(stage, tokenized, workspace):
     meta = json.loads((other_data / "meta.json").read_text())
     meta["splits"]["train"]["documents"] += 1
     (other_data / "meta.json").write_text(json.dumps(meta))
-    params, _, inputs, outputs = stage(lr=1e-3, seed=8)
-    _, metrics, _ = pretrain.train(params, {**inputs, "tokens": other_data}, outputs["checkpoints"])
+    cfg, seed, inputs, outputs = stage(lr=1e-3, seed=8)
+    _, metrics, _ = pretrain.train(cfg, seed, {**inputs, "tokens": other_data}, outputs["checkpoints"])
     assert metrics["resumed_from_step"] == 0
 
-    params, _, inputs, outputs = stage(lr=1e-3, seed=8)
-    metrics = pretrain.run(params, {**inputs, "tokens": other_data}, outputs)
+    cfg, seed, inputs, outputs = stage(lr=1e-3, seed=8)
+    metrics = pretrain.run(cfg, seed, {**inputs, "tokens": other_data}, outputs)
     assert (metrics["resumed_from_step"], metrics["steps"]) == (30, 30)  # nothing left: loaded as it was
     assert [r.split(",")[0] for r in outputs["loss"].read_text().splitlines()[1:]] == ["5", "10", "15", "20", "25", "30"]
 
 
-def test_heads_not_dividing_width_fail_at_load(stage):
+def test_heads_not_dividing_width_fail_at_load(make_params):
     with pytest.raises(config.ConfigError, match=r"^params.yaml: pretrain: d_model \(64\) must be divisible by n_head \(3\)"):
-        stage(n_head=3)
+        make_params({"ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]}, "pretrain": {**TINY, "n_head": 3}})
 
 
 def test_missing_tokens_is_a_clear_error(stage, workspace):
-    params, _, inputs, outputs = stage()
+    cfg, seed, inputs, outputs = stage()
     inputs = {**inputs, "tokens": workspace / "data/tokens"}
     with pytest.raises(LmlineError, match=r"data/tokens/meta.json: not found; run the tokenize stage"):
-        pretrain.run(params, inputs, outputs)
+        pretrain.run(cfg, seed, inputs, outputs)
     assert not outputs["model"].exists() and not outputs["loss"].exists()
 
 

@@ -18,12 +18,12 @@ import pytest
 from lmline import config
 from lmline.config import ConfigError
 from lmline.errors import LmlineError
-from tasks import clean, ingest
+from tasks import clean, clean_executor, ingest
 
 from conftest import BIN, REPO, free_port, tiny_params, write_params, write_tiny_corpus
 
 # Ray's local-only mode: without it Ray swaps 127.0.0.1 for the machine's outward IP and its servers
-# listen on every interface. (tasks/clean.py sets the same for a loopback clean.ray.address.)
+# listen on every interface. (tasks/clean_executor.py sets the same for a loopback clean.ray.address.)
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -92,7 +92,7 @@ def run_clean(sections: dict, out: Path) -> tuple[dict, float]:
     params = config.load(write_params(Path("params.yaml"), sections))
     inputs, outputs = config.stage_io(params, "clean")
     started = time.perf_counter()
-    metrics = clean.run(params, inputs, outputs)
+    metrics = clean.run(**config.stage_args(params, "clean"), inputs=inputs, outputs=outputs)
     seconds = time.perf_counter() - started
     shutil.copytree(outputs["clean"], out / "clean")
     shutil.copy(outputs["drops"], out / "clean_drops.csv")
@@ -115,7 +115,7 @@ def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeyp
                     "minhash": {"num_buckets": 2, "hashes_per_bucket": 8}}
     sections = tiny_params(clean=clean_params)
     params = config.load(write_params(workspace / "params.yaml", sections))
-    ingest.run(params, *config.stage_io(params, "ingest"))
+    ingest.run(params.ingest, *config.stage_io(params, "ingest"))
 
     local, local_s = run_clean(sections, workspace / "local")
 
@@ -184,10 +184,10 @@ def test_an_unreachable_head_fails_at_once_naming_the_key(workspace):
     port = free_port()  # free: nothing listens there
     sections = tiny_params(clean={"executor": "ray", "ray": {"address": f"127.0.0.1:{port}"}})
     params = config.load(write_params(workspace / "params.yaml", sections))
-    ingest.run(params, *config.stage_io(params, "ingest"))
+    ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     inputs, outputs = config.stage_io(params, "clean")
     with pytest.raises(LmlineError, match=rf"clean\.ray\.address 127\.0\.0\.1:{port}: no Ray head answers there"):
-        clean.run(params, inputs, outputs)
+        clean.run(**config.stage_args(params, "clean"), inputs=inputs, outputs=outputs)
     assert not outputs["clean"].exists() and not outputs["drops"].exists()
 
 
@@ -201,9 +201,9 @@ def test_a_pass_with_a_task_that_did_not_complete_fails_naming_it(tmp_path):
     (tmp_path / "logs" / "task_00000.log").write_text(
         "2026-12-02 INFO reading shard\n2026-12-02 ERROR RuntimeError: No files found on /data/shards!\n")
     with pytest.raises(LmlineError) as caught:
-        clean.check_every_task_completed(executor, "clean pass 1 of 6")
+        clean_executor.check_every_task_completed(executor, "clean pass 1 of 6")
     assert str(caught.value) == ("clean pass 1 of 6: tasks [0, 2] of 3 did not complete "
                                  "(2026-12-02 ERROR RuntimeError: No files found on /data/shards!)")
     for rank in (0, 2):
         executor.mark_rank_as_completed(rank)
-    clean.check_every_task_completed(executor, "clean pass 1 of 6")  # all done: no error
+    clean_executor.check_every_task_completed(executor, "clean pass 1 of 6")  # all done: no error

@@ -24,7 +24,7 @@ def test_default_sources_ingest_to_the_expected_counts(fetched, make_params):
         {"name": "news", "type": "sample"},
         {"name": "rotten_tomatoes", "type": "sample", "role": "finetune"},
     ]}})
-    metrics = ingest.run(params, *config.stage_io(params, "ingest"))["sources"]
+    metrics = ingest.run(params.ingest, *config.stage_io(params, "ingest"))["sources"]
     assert {name: m["documents"] for name, m in metrics.items()} == {
         "shakespeare": 42, "news": 3824, "rotten_tomatoes": 12808,
     }

@@ -13,6 +13,8 @@ from lmline.errors import LmlineError
 from lmline.io import read_json
 from tasks import tokenize
 
+from conftest import SEED, stage_io
+
 WORDS = "the king spoke to his people in the morning and they answered him with bread and wine".split()
 
 # Strings that break careless tokenizers: leading/trailing/mixed whitespace, unicode, emoji, combining
@@ -62,21 +64,13 @@ def write_clean(root, splits: dict[str, list[str]], role: str = "pretrain") -> N
         pq.write_table(table, out / f"{split}.parquet")
 
 
-@pytest.fixture
-def params(make_params):
-    def make(**tokenize_section):
-        p, _ = make_params({
-            "ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "corpus/x/*.txt"}]},
-            "tokenize": {"vocab_size": 300, "num_proc": 1, **tokenize_section},
-        })
-        return p
-
-    return make
+def section(**tokenize_section) -> config.TokenizeConfig:
+    return config.TokenizeConfig(**{"vocab_size": 300, "num_proc": 1, **tokenize_section})
 
 
-def run_stage(p):
-    inputs, outputs = config.stage_io(p, "tokenize")
-    return tokenize.run(p, inputs, outputs), outputs
+def run_stage(cfg: config.TokenizeConfig):
+    inputs, outputs = stage_io("tokenize")
+    return tokenize.run(cfg, SEED, inputs, outputs), outputs
 
 
 # Runs of spaces and newlines, so that whitespace merges ("  ", "\n\n", "    ") enter the vocabulary and
@@ -118,11 +112,11 @@ def test_saved_tokenizer_loads_offline_and_round_trips_tricky_text(workspace):
         assert ids == tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def test_tokenizer_learns_from_the_train_split_only(params, workspace):
+def test_tokenizer_learns_from_the_train_split_only(workspace):
     train = [" ".join(["zanzibar"] * 30) + ". " + doc for doc in corpus(30, seed=2)]
     held_out = [" ".join(["quuxplorf"] * 200) for _ in range(10)]  # more frequent, but not in train
     write_clean(workspace, {"train": train, "val": held_out, "test": held_out})
-    _, outputs = run_stage(params())
+    _, outputs = run_stage(section())
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(outputs["tokenizer"])
@@ -153,13 +147,13 @@ def test_training_pieces_pass_normal_text_whole_and_cut_only_long_runs():
 
 
 @pytest.mark.timeout(60)  # the old trainer took minutes on 1 MB (quadratic in a pre-token's length)
-def test_multi_megabyte_single_lines_tokenize_in_linear_time_and_round_trip(params, workspace):
+def test_multi_megabyte_single_lines_tokenize_in_linear_time_and_round_trip(workspace):
     rng = random.Random(3)
     letters = "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", k=2_000_000))
     spaced = " ".join(rng.choices(WORDS, k=400_000))  # ~2 MB, one line
     train = corpus(30, seed=1) + [letters, spaced]
     write_clean(workspace, {"train": train, "val": corpus(3, seed=2), "test": [letters[:1000]]})
-    _, outputs = run_stage(params())
+    _, outputs = run_stage(section())
     meta = read_json(outputs["tokens"] / "meta.json")
     from tokenizers import Tokenizer
 
@@ -192,11 +186,11 @@ def test_literal_special_tokens_in_a_document_are_text_not_boundaries():
     assert tokenizer.decode(first, skip_special_tokens=False) == docs[0]
 
 
-def test_run_packs_every_split_with_eos_after_each_document(params, workspace):
+def test_run_packs_every_split_with_eos_after_each_document(workspace):
     splits = {"train": corpus(60, seed=1), "val": corpus(7, seed=2) + TRICKY, "test": corpus(5, seed=3)}
     write_clean(workspace, splits)
     write_clean(workspace, {"train": ["not packed"], "val": [], "test": []}, role="finetune")
-    metrics, outputs = run_stage(params())
+    metrics, outputs = run_stage(section())
 
     meta = read_json(outputs["tokens"] / "meta.json")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
@@ -220,11 +214,11 @@ def test_run_packs_every_split_with_eos_after_each_document(params, workspace):
     assert metrics["tokenizer_train_seconds"] >= 0
 
 
-def test_one_or_two_threads_write_identical_outputs(params, workspace):
+def test_one_or_two_threads_write_identical_outputs(workspace):
     write_clean(workspace, {"train": corpus(80, seed=1) + TRICKY, "val": corpus(9, seed=2), "test": TRICKY})
     files = {}
     for num_proc in (1, 2):
-        _, outputs = run_stage(params(num_proc=num_proc))
+        _, outputs = run_stage(section(num_proc=num_proc))
         files[num_proc] = {
             p.name: p.read_bytes() for d in (outputs["tokens"], outputs["tokenizer"]) for p in sorted(d.iterdir())
         }
@@ -247,16 +241,16 @@ def test_segments_are_never_cut_after_any_kind_of_whitespace():
 
 
 # ---------------------------------------------------------------- bad input
-def test_missing_clean_dir_is_a_clear_error_and_writes_nothing(params, workspace):
+def test_missing_clean_dir_is_a_clear_error_and_writes_nothing(workspace):
     with pytest.raises(LmlineError, match=r"data/clean: no clean data; run the clean stage"):
-        run_stage(params())
+        run_stage(section())
     assert not (workspace / "data" / "tokenizer").exists() and not (workspace / "data" / "tokens").exists()
 
 
-def test_missing_train_split_is_a_clear_error_and_writes_nothing(params, workspace):
+def test_missing_train_split_is_a_clear_error_and_writes_nothing(workspace):
     write_clean(workspace, {"val": corpus(3, seed=1), "test": corpus(3, seed=2)})
     with pytest.raises(LmlineError, match=r"pretrain/train\.parquet: missing"):
-        run_stage(params())
+        run_stage(section())
     assert sorted(p.name for p in (workspace / "data").iterdir()) == ["clean"]
 
 
@@ -267,27 +261,27 @@ def test_missing_train_split_is_a_clear_error_and_writes_nothing(params, workspa
         (["ok", None], r"train\.parquet: row 1 has no text"),
     ],
 )
-def test_unusable_train_split_is_a_clear_error(params, workspace, train, message):
+def test_unusable_train_split_is_a_clear_error(workspace, train, message):
     write_clean(workspace, {"train": train, "val": ["v"], "test": ["t"]})
     with pytest.raises(LmlineError, match=message):
-        run_stage(params())
+        run_stage(section())
     assert sorted(p.name for p in (workspace / "data").iterdir()) == ["clean"]
 
 
-def test_unreadable_split_files_are_clear_errors(params, workspace):
+def test_unreadable_split_files_are_clear_errors(workspace):
     write_clean(workspace, {"train": corpus(3, seed=1), "val": ["v"], "test": ["t"]})
     pq.write_table(pa.table({"body": ["no text column"]}), workspace / "data/clean/pretrain/val.parquet")
     with pytest.raises(LmlineError, match=r"pretrain/val\.parquet: no `text` column"):
-        run_stage(params())
+        run_stage(section())
     (workspace / "data/clean/pretrain/test.parquet").write_text("not parquet")
     write_clean(workspace, {"val": ["v"]})
     with pytest.raises(LmlineError, match=r"pretrain/test\.parquet: not a readable parquet file"):
-        run_stage(params())
+        run_stage(section())
 
 
-def test_an_empty_split_packs_to_an_empty_file(params, workspace):
+def test_an_empty_split_packs_to_an_empty_file(workspace):
     write_clean(workspace, {"train": corpus(20, seed=1), "val": corpus(2, seed=2), "test": []})
-    metrics, outputs = run_stage(params())
+    metrics, outputs = run_stage(section())
     meta = read_json(outputs["tokens"] / "meta.json")
     assert meta["splits"]["test"] == {"documents": 0, "tokens": 0, "bytes": 0}
     assert meta["bytes_per_token"]["test"] is None

@@ -103,9 +103,9 @@ def generate(
     Always samples: --temperature must be above 0 (as evaluate.temperature); a small one is near-greedy."""
     cfg = config.load(params, None)
     check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
-    from tasks import evaluate
+    from tasks import evaluate, models
 
-    lm, tokenizer = evaluate.load_causal_lm(registry.resolve_model_uri(model or default_model(cfg, "base")))
+    lm, tokenizer = models.load_causal_lm(registry.resolve_model_uri(model or default_model(cfg, "base")))
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
@@ -122,23 +122,6 @@ def check_sampling_options(max_new_tokens: int | None, temperature: float | None
         raise LmlineError(f"--seed must be between 0 and {2**32 - 1} (got {seed})")
 
 
-def load_classifier(path: Path):
-    """A sequence classifier with its trained head, and its tokenizer. Refuses a causal LM (or any model
-    whose saved weights lack the head): transformers would add a random head and answer at random."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from tasks.finetune import require_model
-
-    require_model(path)
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise LmlineError(f"{path}: not a fine-tuned classifier (architectures: {architectures})")
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise LmlineError(f"{path}: the classifier's weights lack {', '.join(sorted(info['missing_keys']))}")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
-
-
 @app.command()
 def classify(
     text: Annotated[str, typer.Argument()],
@@ -148,13 +131,13 @@ def classify(
     """Classify TEXT with the fine-tuned classifier; prints the label and class probabilities."""
     import torch
 
-    from tasks import finetune
+    from tasks import models
 
     cfg = config.load(params, None)
-    clf, tok = load_classifier(registry.resolve_model_uri(model or default_model(cfg, "task")))
+    clf, tok = models.load_classifier(registry.resolve_model_uri(model or default_model(cfg, "task")))
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
-    max_length = min(cfg.finetune.max_length, finetune.context_length(clf.config))
-    ids = torch.tensor(finetune.classification_ids(tok, [text], max_length))
+    max_length = min(cfg.finetune.max_length, models.context_length(clf.config))
+    ids = torch.tensor(models.classification_ids(tok, [text], max_length), device=clf.device)
     with torch.no_grad():
         probs = clf(input_ids=ids).logits.softmax(-1)[0]
     labels = {clf.config.id2label[i]: round(float(p), 4) for i, p in enumerate(probs)}

@@ -46,7 +46,7 @@ def stage(
 def sources(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """List the configured sources with their sizes."""
     cfg = config.load(params, set_)
-    rows = ingest.describe_sources(cfg)
+    rows = ingest.describe_sources(cfg.ingest)
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {r['type']:<10} {r['role']:<8} {r['size']:>12}  {r['where']}")
