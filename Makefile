@@ -53,7 +53,11 @@ $(PLOTS_TEMPLATE): vega/plots-page.html vega/SHA256SUMS Makefile
 run: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/lmline run
 
+# Lint and format first (seconds): a style slip fails before ten minutes of tests. The import layers
+# are checked by tests/test_architecture.py, inside the suite.
 test: $(STAMP) $(PLOTS_TEMPLATE)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not integration"
 
 test-integration: $(STAMP)

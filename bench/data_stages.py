@@ -17,6 +17,7 @@ encode_batch_fast with its Rust threads on, by datasets.map(num_proc=N) around t
 the stage's encoder with 1 and N threads (N = tokenize.num_proc, 0 = cores), alternately, with
 ratios to the first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,13 @@ def clean_pretrain_bytes(clean_dir: Path) -> int:
 
 def summary(seconds: list[float], mb: float, cpu: list[float] | None = None) -> dict:
     median = statistics.median(seconds)
-    out = {"mb": round(mb, 3), "seconds": [round(s, 3) for s in seconds], "median_seconds": round(median, 3),
-           "mb_per_s": round(mb / median, 2), "best_mb_per_s": round(mb / min(seconds), 2)}
+    out = {
+        "mb": round(mb, 3),
+        "seconds": [round(s, 3) for s in seconds],
+        "median_seconds": round(median, 3),
+        "mb_per_s": round(mb / median, 2),
+        "best_mb_per_s": round(mb / min(seconds), 2),
+    }
     if cpu:  # what the stage costs regardless of what else runs: MB per CPU-second, all threads summed
         out["cpu_seconds"] = [round(c, 3) for c in cpu]
         out["mb_per_cpu_s"] = round(mb / statistics.median(cpu), 2)
@@ -118,10 +124,7 @@ def baselines(params: config.Params, rounds: int) -> dict:
             way()
             seconds[name].append(time.perf_counter() - started)
     first = statistics.median(seconds[next(iter(ways))])
-    return {
-        name: {**summary(s, mb), "speedup": round(first / statistics.median(s), 2)}
-        for name, s in seconds.items()
-    }
+    return {name: {**summary(s, mb), "speedup": round(first / statistics.median(s), 2)} for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -150,8 +153,10 @@ def main() -> None:
                     seconds, cpu_used, metrics[stage] = timed(stage, params)
                     wall[stage].append(seconds)
                     cpu[stage].append(cpu_used)
-            mb = {"clean": raw_text_bytes(Path(params.paths.raw)) / 1e6,
-                  "tokenize": clean_pretrain_bytes(Path(params.paths.clean)) / 1e6}
+            mb = {
+                "clean": raw_text_bytes(Path(params.paths.raw)) / 1e6,
+                "tokenize": clean_pretrain_bytes(Path(params.paths.clean)) / 1e6,
+            }
             result = {
                 "cpus": len(os.sched_getaffinity(0)),
                 "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

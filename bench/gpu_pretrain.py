@@ -17,6 +17,7 @@ x tokens/s / peak. Peak: the H200 SXM datasheet's dense bf16 figure, 989 TFLOP/s
 about 790 TFLOP/s was measured for bf16 matmuls on random data on the lent H200s, which would put
 the same run's MFU about 25% higher. Prints JSON; writes bench/results/gpu_pretrain.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import lmline  # noqa: E402,F401  (offline switches)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+import lmline  # noqa: E402,F401  (offline switches)
 from lmline.config import PretrainConfig  # noqa: E402
 from lmline.io import write_json  # noqa: E402
 from tasks import pretrain  # noqa: E402
@@ -89,10 +90,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     never = 10**9  # no evaluation, checkpoints or log lines inside the timed steps
     cfg = PretrainConfig(
-        arch=args.arch, n_layer=args.layers, n_head=args.heads, d_model=args.width, context=args.context,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
-        warmup_steps=args.warmup_steps, max_minutes=10**6, eval_every=never, checkpoint_every=never,
-        log_every=never, precision=args.precision, compile=args.compile, peak_flops=args.peak_tflops * 1e12,
+        arch=args.arch,
+        n_layer=args.layers,
+        n_head=args.heads,
+        d_model=args.width,
+        context=args.context,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        max_minutes=10**6,
+        eval_every=never,
+        checkpoint_every=never,
+        log_every=never,
+        precision=args.precision,
+        compile=args.compile,
+        peak_flops=args.peak_tflops * 1e12,
     )
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context
     rng = np.random.default_rng(args.seed)
@@ -103,10 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     timer = StepTimer(args.warmup_steps, args.steps)
     with tempfile.TemporaryDirectory(prefix="gpu-pretrain-") as tmp:
         trainer = pretrain.make_trainer(
-            cfg, args.seed, model,
+            cfg,
+            args.seed,
+            model,
             train_set=pretrain.TokenWindows(synthetic, cfg.context, stride=1),
             eval_set=pretrain.TokenWindows(synthetic, cfg.context, stride=cfg.context, limit=cfg.batch_size),
-            output_dir=Path(tmp), clock=pretrain.TrainingClock(budget_s=float("inf")),
+            output_dir=Path(tmp),
+            clock=pretrain.TrainingClock(budget_s=float("inf")),
         )
         trainer.add_callback(timer)
         trainer.train()

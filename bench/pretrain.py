@@ -11,6 +11,7 @@ CPU timings drift (other processes, clocks): variants run alternately, round aft
 summary gives each one's ratio to the first variant within the same round. With other processes on
 the cores, `OMP_WAIT_POLICY=PASSIVE` avoids torch's spinning threads slowing down badly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import lmline  # noqa: E402,F401  (offline switches)
 import torch  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+import lmline  # noqa: E402,F401  (offline switches)
 from lmline import config  # noqa: E402
 from lmline.errors import LmlineError  # noqa: E402
 from lmline.io import write_json  # noqa: E402
@@ -83,7 +84,9 @@ class StepTimes(TrainerCallback):
 def loop_inputs(params: config.Params, inputs: dict):
     cfg = params.pretrain
     meta = pretrain.read_meta(inputs["tokens"])
-    windows = pretrain.TokenWindows(pretrain.load_split(inputs["tokens"], meta, "train", cfg.context), cfg.context, stride=1)
+    windows = pretrain.TokenWindows(
+        pretrain.load_split(inputs["tokens"], meta, "train", cfg.context), cfg.context, stride=1
+    )
     set_seed(params.project.seed)
     model = pretrain.build_model(cfg, pretrain.load_tokenizer(inputs["tokenizer"], meta, inputs["tokens"]))
     return cfg, windows, model
@@ -96,8 +99,15 @@ def trainer_loop(params: config.Params, inputs: dict) -> dict:
     times = StepTimes()
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         never_evaluated = pretrain.TokenWindows(windows.tokens, cfg.context, stride=cfg.context, limit=cfg.batch_size)
-        trainer = pretrain.make_trainer(cfg, params.project.seed, model, windows, eval_set=never_evaluated,
-                                        output_dir=Path(tmp), clock=pretrain.TrainingClock(cfg.max_minutes * 60))
+        trainer = pretrain.make_trainer(
+            cfg,
+            params.project.seed,
+            model,
+            windows,
+            eval_set=never_evaluated,
+            output_dir=Path(tmp),
+            clock=pretrain.TrainingClock(cfg.max_minutes * 60),
+        )
         trainer.add_callback(times)
         trainer.train()
     return step_stats(times.durations, cfg.batch_size * cfg.grad_accum * cfg.context)
@@ -113,9 +123,11 @@ def plain_loop(params: config.Params, inputs: dict) -> dict:
         optimizer, lambda step: pretrain.lr_multiplier(step, time.perf_counter() - started, cfg)
     )
     sampler = torch.utils.data.RandomSampler(windows, generator=torch.Generator().manual_seed(params.project.seed))
-    loader = iter(torch.utils.data.DataLoader(
-        windows, batch_size=cfg.batch_size, sampler=sampler, collate_fn=pretrain.collate_windows, drop_last=True
-    ))
+    loader = iter(
+        torch.utils.data.DataLoader(
+            windows, batch_size=cfg.batch_size, sampler=sampler, collate_fn=pretrain.collate_windows, drop_last=True
+        )
+    )
     durations, last = [], started
     while len(durations) < cfg.max_steps and last - started < cfg.max_minutes * 60:
         for _ in range(cfg.grad_accum):

@@ -22,6 +22,7 @@ It reports the share of documents on which the two verdicts (keep or drop) are t
 Prints a table and writes bench/results/word_tokenizer.json. Only agreement is reported: it does not
 depend on machine load, the timings would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import lmline  # noqa: E402,F401  (offline switches)
 from datatrove.data import Document  # noqa: E402
 from datatrove.utils.text import split_into_words  # noqa: E402
 
+import lmline  # noqa: E402,F401  (offline switches)
 from lmline import config  # noqa: E402
 from lmline.clean_config import CleanConfig, SourceFilters  # noqa: E402
 from lmline.io import write_json  # noqa: E402
@@ -92,22 +93,31 @@ class Tally:
 
     def as_dict(self) -> dict:
         share = self.same / self.docs if self.docs else None
-        return {"settings": self.settings, "docs": self.docs, "same": self.same,
-                "same_share": None if share is None else round(share, 5),
-                "only_fast_keeps": self.only_fast_keeps, "only_spacy_keeps": self.only_spacy_keeps,
-                "examples": self.examples}
+        return {
+            "settings": self.settings,
+            "docs": self.docs,
+            "same": self.same,
+            "same_share": None if share is None else round(share, 5),
+            "only_fast_keeps": self.only_fast_keeps,
+            "only_spacy_keeps": self.only_spacy_keeps,
+            "examples": self.examples,
+        }
 
 
 def measure_source(source, cfg: CleanConfig, max_docs: int | None) -> dict:
     rules = clean.source_rules(cfg, source.name)
     words = {name: clean.word_tokenizer(name) for name in TOKENIZERS}
     filters = {
-        rule: {name: clean.make_filter(rule, rules.get(rule) or getattr(DEFAULTS, rule), words[name])
-               for name in TOKENIZERS}
+        rule: {
+            name: clean.make_filter(rule, rules.get(rule) or getattr(DEFAULTS, rule), words[name])
+            for name in TOKENIZERS
+        }
         for rule in clean.QUALITY_FILTERS
     }
-    stage = {name: [(rule, clean.make_filter(rule, settings, words[name])) for rule, settings in rules.items()]
-             for name in TOKENIZERS}
+    stage = {
+        name: [(rule, clean.make_filter(rule, settings, words[name])) for rule, settings in rules.items()]
+        for name in TOKENIZERS
+    }
     tallies = {rule: Tally("params.yaml" if rule in rules else "default") for rule in clean.QUALITY_FILTERS}
     tallies["stage"] = Tally("params.yaml")
     tokens = Counter()
@@ -128,8 +138,11 @@ def measure_source(source, cfg: CleanConfig, max_docs: int | None) -> dict:
 
 
 def token_summary(tokens: Counter) -> dict:
-    return {**tokens, "spacy_tokens_also_fast": round(tokens["shared"] / max(tokens["spacy"], 1), 5),
-            "fast_per_spacy_token": round(tokens["fast"] / max(tokens["spacy"], 1), 5)}
+    return {
+        **tokens,
+        "spacy_tokens_also_fast": round(tokens["shared"] / max(tokens["spacy"], 1), 5),
+        "fast_per_spacy_token": round(tokens["fast"] / max(tokens["spacy"], 1), 5),
+    }
 
 
 def table(result: dict) -> str:
@@ -137,8 +150,10 @@ def table(result: dict) -> str:
     tallies = [(source, rule, t) for source, per in result["sources"].items() for rule, t in per["filters"].items()]
     for corpus, rule, t in tallies + [("overall", rule, t) for rule, t in result["overall"].items()]:
         share = "-" if t["same_share"] is None else f"{100 * t['same_share']:.2f}%"
-        rows.append(f"{corpus:16} {rule:18} {t['settings']:12} {t['docs']:7} {share:>8} "
-                    f"{t['only_fast_keeps']:10} {t['only_spacy_keeps']:11}")
+        rows.append(
+            f"{corpus:16} {rule:18} {t['settings']:12} {t['docs']:7} {share:>8} "
+            f"{t['only_fast_keeps']:10} {t['only_spacy_keeps']:11}"
+        )
     rows.append("same: share of documents judged alike; fast/spaCy only: documents kept with that tokenizer alone")
     return "\n".join(rows)
 
@@ -162,10 +177,17 @@ def main() -> None:
             overall[rule].merge(per["tallies"][rule])
             overall["every_filter"].merge(per["tallies"][rule])
     result = {
-        "params": str(args.params), "overrides": args.overrides, "max_docs": args.max_docs,
+        "params": str(args.params),
+        "overrides": args.overrides,
+        "max_docs": args.max_docs,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "sources": {name: {"filters": {rule: t.as_dict() for rule, t in per["tallies"].items()},
-                           "tokens": token_summary(per["tokens"])} for name, per in measured.items()},
+        "sources": {
+            name: {
+                "filters": {rule: t.as_dict() for rule, t in per["tallies"].items()},
+                "tokens": token_summary(per["tokens"]),
+            }
+            for name, per in measured.items()
+        },
         "overall": {rule: {k: v for k, v in t.as_dict().items() if k != "examples"} for rule, t in overall.items()},
         "tokens": token_summary(sum((per["tokens"] for per in measured.values()), Counter())),
     }

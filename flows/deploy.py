@@ -6,6 +6,7 @@ sets them from params.yaml's `orchestration` section, so params.yaml stays the o
 Prefect's modules (and flows.routing, which imports them) are imported inside the functions that use
 them: the `lmline` command imports this module at start-up, and Prefect takes a second to import.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,10 @@ def kubernetes_gpu_job_template(pools: config.WorkPoolsConfig, image: str | None
     variables = template["variables"]["properties"]
     gpus = len(pools.gpu_devices.split(","))
     variables["gpus"] = {
-        "title": "GPUs", "type": "integer", "minimum": 1, "default": gpus,
+        "title": "GPUs",
+        "type": "integer",
+        "minimum": 1,
+        "default": gpus,
         "description": f"{GPU_RESOURCE} limit of the flow run's container (lmline: work_pools.gpu_devices)",
     }
     variables["env"]["default"] = {
@@ -81,8 +85,9 @@ def ensure_work_pools(pools: config.WorkPoolsConfig) -> dict[str, str]:
                 client.read_work_pool(name)
                 done[name] = "exists"
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=name, type="process",
-                                                       base_job_template=pool_job_template(kind, pools)))
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=pool_job_template(kind, pools))
+                )
                 done[name] = "created"
     return done
 
@@ -116,12 +121,20 @@ def deploy(params: config.Params, root: Path) -> dict:
         raise LmlineError(f"{root / 'prefect.yaml'}: file not found (run lmline deploy in the repo root)")
     pools = ensure_work_pools(params.orchestration.work_pools)
     prefect = Path(sys.executable).parent / "prefect"
-    out = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=root, env=deploy_env(params),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(prefect), "--no-prompt", "deploy", "--all"],
+        cwd=root,
+        env=deploy_env(params),
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         # Prefect's own message (often a wrapped validation error) ends its output, before pydantic's link
-        lines = [l.strip() for l in (out.stdout + out.stderr).splitlines()
-                 if l.strip() and not l.strip().startswith("For further information")]
+        lines = [
+            line.strip()
+            for line in (out.stdout + out.stderr).splitlines()
+            if line.strip() and not line.strip().startswith("For further information")
+        ]
         raise LmlineError(f"prefect deploy failed: {' '.join(lines[-3:]) or f'exit code {out.returncode}'}")
     return {"work_pools": pools, "deployments": re.findall(r"Deployment '([^']+)' successfully", out.stdout)}
 

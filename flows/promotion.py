@@ -15,6 +15,7 @@ a score that is missing (either side, task metric or bits/byte guard) is a reaso
 Human decisions stick: a version a person rolled back carries `lmline.rolled_back`, and the automatic
 gate never promotes it again; only `lmline promote` (which clears the mark) can.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,7 +85,9 @@ def decide(candidate: Scores, champion: Scores | None, cfg: PromoteConfig) -> De
     gain = champion.metric - candidate.metric if lower else candidate.metric - champion.metric
     direction = " (lower is better)" if lower else ""
     if gain > 0 and gain >= cfg.min_delta:
-        return Decision(True, f"{cfg.metric} {candidate.metric:.4f} beats {champion.metric:.4f} by {gain:.4f}{direction}")
+        return Decision(
+            True, f"{cfg.metric} {candidate.metric:.4f} beats {champion.metric:.4f} by {gain:.4f}{direction}"
+        )
     return Decision(
         False,
         f"{cfg.metric} {candidate.metric:.4f} does not beat {champion.metric:.4f} by at least "
@@ -133,16 +136,23 @@ def promote(
     registry.set_version_tags(name, version, scores_to_tags(candidate, cfg.metric))
     before = registry.alias_version(name, "champion")
     champion_version = int(before.version) if before else None
-    result = {"model": name, "candidate": version, "champion_before": champion_version,
-              "champion_after": champion_version, "promoted": False, "challenger": False,
-              "candidate_metric": candidate.metric}
+    result = {
+        "model": name,
+        "candidate": version,
+        "champion_before": champion_version,
+        "champion_after": champion_version,
+        "promoted": False,
+        "challenger": False,
+        "candidate_metric": candidate.metric,
+    }
     if champion_version == version:
         return {**result, "reason": "candidate is already the champion", "champion_metric": candidate.metric}
     champion = None
     refused_by = rolled_back_by(registry.version_tags(name, version))
     if refused_by is not None:
-        decision = Decision(False, f"v{version} was rolled back by {refused_by}: only `lmline promote` can make it "
-                                   "champion again")
+        decision = Decision(
+            False, f"v{version} was rolled back by {refused_by}: only `lmline promote` can make it champion again"
+        )
     else:
         if before is not None:
             champion = scores_from_tags(dict(before.tags), cfg.metric)
@@ -167,7 +177,9 @@ def promote(
         clear = [(name, "challenger", None)] if challenger is not None and int(challenger.version) == version else []
         moves = champion_moves(name, version) + clear
     else:
-        moves = [] if refused_by is not None else [(name, "challenger", version)]  # a rolled-back version is no challenger
+        moves = (
+            [] if refused_by is not None else [(name, "challenger", version)]
+        )  # a rolled-back version is no challenger
     try:
         registry.move_aliases(moves)
     except registry.RegistryError:
@@ -204,7 +216,9 @@ def manual_promote(name: str, version: int, who: str, why: str) -> dict:
     """`lmline promote`: move champion by hand, recording who and why on the version. A person may
     bring back a rolled-back version: this clears its mark. The caller holds the promotion slot."""
     before = registry.alias_version(name, "champion")
-    marks = {t: v for t, v in registry.version_tags(name, version).items() if t in ROLLED_BACK_TAGS}  # fails clearly if no such version
+    marks = {
+        t: v for t, v in registry.version_tags(name, version).items() if t in ROLLED_BACK_TAGS
+    }  # fails clearly if no such version
     tags = {"lmline.decision": "promoted-manually", "lmline.decision.by": who, "lmline.decision.reason": why}
     if before is not None and int(before.version) != version:
         tags["lmline.previous_champion"] = before.version

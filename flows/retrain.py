@@ -5,6 +5,7 @@ on the gpu pool's worker in distributed mode), so DVC decides whether the stage 
 from cache; the task reports `ran` or `cached`. MLflow: the flow opens the parent run; stage processes
 nest under it through $LMLINE_PARENT_RUN_ID; a cached stage gets a nested run tagged cached=true.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -117,7 +118,9 @@ def retrain(
             # log them): a run that fails at any stage leaves the registry exactly as it was.
             registry.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)
             if promote and GATE_STAGE in selected:
-                promotion_result = promote_candidate(params, root, {r.stage: r for r in results}, str(flow_run.id or ""))
+                promotion_result = promote_candidate(
+                    params, root, {r.stage: r for r in results}, str(flow_run.id or "")
+                )
             summary = {
                 "flow_run_id": str(flow_run.id or ""),
                 "mlflow_parent_run_id": parent_id,
@@ -140,7 +143,12 @@ def promote_candidate(params: config.Params, root: Path, results: dict[str, Stag
     scores = candidate_scores(params, root, results[GATE_STAGE].metrics)
     with promotion.promotion_slot():
         result = promotion.promote(
-            name, int(version), scores, gate_config(params), lambda v: rescore_version(params, root, name, v), flow_run_id
+            name,
+            int(version),
+            scores,
+            gate_config(params),
+            lambda v: rescore_version(params, root, name, v),
+            flow_run_id,
         )
     # The comparison with the previous champion is known only now: rewrite the card with it.
     card = registry.publish_model_card(params, root, name, version, upto=GATE_STAGE)
@@ -157,7 +165,12 @@ def publish_artifacts(summary: dict, params: config.Params) -> None:
     ]
     create_table_artifact(key="lmline-stages", table=rows, description="Stages of this retrain run")
     p = summary["promotion"]
-    lines = [f"# lmline retrain {summary['flow_run_id']}", "", f"MLflow parent run: `{summary['mlflow_parent_run_id']}`", ""]
+    lines = [
+        f"# lmline retrain {summary['flow_run_id']}",
+        "",
+        f"MLflow parent run: `{summary['mlflow_parent_run_id']}`",
+        "",
+    ]
     lines += [f"- **{r['stage']}**: {r['status']} in {r['seconds']} s — {r['metrics']}" for r in rows]
     if p and "model" in p:
         lines += [

@@ -17,6 +17,7 @@ The snapshot carries the workspace exactly as it is (uncommitted params and dvc.
 over HEAD alone would run the stage on other params. This module holds the preconditions, the choice
 of placement and the worker's side; the parent's side is the stage task's (flows/stage_task.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ def check_ready(root: Path, params: config.Params) -> None:
             "the workspace snapshot from it"
         )
     if not os.environ.get("PREFECT_API_URL"):
-        raise LmlineError("orchestration.mode is distributed but PREFECT_API_URL is not set: workers need a Prefect server")
+        raise LmlineError(
+            "orchestration.mode is distributed but PREFECT_API_URL is not set: workers need a Prefect server"
+        )
     if any(params.orchestration.pool_of(s) == ROUTED_POOL for s in NAMES):
         with get_client(sync_client=True) as client:
             try:
@@ -122,8 +125,9 @@ def check_out(root: Path, git_ref: str | None, revision: str | None, branch: str
 
 
 @flow(name="run-stage", log_prints=True)
-def run_stage_on_worker(stage: str, git_ref: str, revision: str, force: bool = False,
-                        params_file: str = "params.yaml") -> dict:
+def run_stage_on_worker(
+    stage: str, git_ref: str, revision: str, force: bool = False, params_file: str = "params.yaml"
+) -> dict:
     """Run one DVC stage in this worker's clone, checked out at `revision` by the pull step: pull the
     stage's data deps, run it as local mode does, push its outputs, publish its lock entry."""
     log = get_run_logger()

@@ -19,6 +19,7 @@ the tests' 8 kB test split (tests/test_flow.py), a millionth on a few MB, agains
 (promote.max_bpb_regression) of 0.05. With `evaluate.max_eval_tokens` set, evaluate scores only the
 first tokens while a re-score scores all of them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,7 +87,9 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
         task_score = classification_score(params, model_dir, test, metric)
     else:
         lm, tokenizer = models.load_causal_lm(model_dir)
-        task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)["bits_per_byte"]
+        task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)[
+            "bits_per_byte"
+        ]
 
     bpb = None  # no base model recorded, or no pretrain test split: the gate refuses on a missing guard
     base = registry.version_tags(name, version).get("lmline.base_model")

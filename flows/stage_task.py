@@ -12,6 +12,7 @@ as the child flow's return value, because a return value is stored on the worker
 
 Either way the task reads metrics/<stage>.json afterwards and returns a StageResult.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ class StageFailed(LmlineError):
 
 
 @task(name="stage")
-def pipeline_stage(stage: str, root: str, force: bool, parent_run_id: str | None, params_file: str,
-                   pool: str | None = None) -> StageResult:
+def pipeline_stage(
+    stage: str, root: str, force: bool, parent_run_id: str | None, params_file: str, pool: str | None = None
+) -> StageResult:
     """Run one DVC stage in the workspace `root`: here, or (`pool`: a work pool's name) through the
     run-stage deployment on that pool's worker."""
     log = get_run_logger()
@@ -100,7 +102,12 @@ def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, lo
     guard.watch_children()  # already running under `lmline run`; a deployment's flow run starts its own
     cmd = dvc_command("repro", "--single-item", stage) + (["--force"] if force else [])
     proc = subprocess.Popen(
-        cmd, cwd=root, env=stage_env(parent_run_id, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=root,
+        env=stage_env(parent_run_id, root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # dvc and the `lmline stage` it runs: one group, stopped together
     )
     lines = []
@@ -115,10 +122,10 @@ def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, lo
             stop_group(proc)
     if proc.wait():
         # Our CLI prints one `error: ...` line naming the file/key; surface it as the failure message.
-        errors = [l.removeprefix("error: ") for l in lines if l.startswith("error: ")]
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
         detail = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
         raise StageFailed(f"stage {stage} failed: {detail}")
-    return "ran" if any(m in l for l in lines for m in STAGE_DONE_MARKERS) else "cached"
+    return "ran" if any(m in line for line in lines for m in STAGE_DONE_MARKERS) else "cached"
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = guard.GRACE_S) -> None:
@@ -175,11 +182,16 @@ def job_env(pool: str, parent_run_id: str | None, root: Path) -> dict[str, str]:
 
 def publish_outcome(root: Path, result: StageResult) -> dict:
     """The worker's side of the result: the stage's lock entry and status, as a Prefect artifact."""
-    outcome = {"stage": result.stage, "status": result.status, "seconds": result.seconds,
-               "lock": lock_entry(root, result.stage)}
+    outcome = {
+        "stage": result.stage,
+        "status": result.status,
+        "seconds": result.seconds,
+        "lock": lock_entry(root, result.stage),
+    }
     create_markdown_artifact(
         key=RESULT_ARTIFACT,
-        markdown=f"# {result.stage}: {result.status} in {result.seconds} s\n\n```json\n{json.dumps(outcome, indent=2)}\n```\n",
+        markdown=f"# {result.stage}: {result.status} in {result.seconds} s\n\n"
+        f"```json\n{json.dumps(outcome, indent=2)}\n```\n",
         description=f"lmline stage {result.stage}: lock entry for the parent flow",
     )
     return outcome

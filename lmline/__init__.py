@@ -1,4 +1,5 @@
 """lmline: train and ship small transformer language models as a DVC + Prefect + MLflow pipeline."""
+
 import os
 
 # Offline by design: never phone home or try a hub. The one list of these switches: processes lmline

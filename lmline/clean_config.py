@@ -1,6 +1,7 @@
 """The clean section: normalisation, per-source quality filters, de-duplication, PII scrubbing, the
 train/val/test split, and where clean's datatrove passes run (this machine or a Ray cluster).
 """
+
 from __future__ import annotations
 
 import re
@@ -103,6 +104,7 @@ class FineWebQualityParams(Section):
 
 class SourceFilters(Section):
     """How one source is cleaned: chunking, then the rules in this order (a missing filter key = filter off)."""
+
     chunk_chars: Annotated[int, Field(ge=100)] | None = None
     """split longer documents at paragraph, then line breaks, so document-level rules judge scene-sized
     pieces rather than whole plays; null = keep documents whole"""
@@ -145,6 +147,7 @@ class SplitConfig(Section):
 class RayConfig(Section):
     """Where clean's datatrove passes run when clean.executor is ray (datatrove's RayPipelineExecutor).
     Every node needs this project's environment (the same commit of lmline and its dependencies)."""
+
     address: str = "auto"
     """the cluster's head: host:port of its GCS (what `ray start --head --port` printed), or auto:
     RAY_ADDRESS, else the head last started on this machine. Ray Client (ray://) is not supported"""

@@ -6,6 +6,7 @@ one-line message naming the file and the dotted key, before any stage does work,
 
 The ingest and clean sections live in lmline.sources and lmline.clean_config; the rest are here.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ class PathsConfig(Section):
     """Workspace layout. dvc.yaml interpolates these (${paths.raw}), so code and DVC agree by construction.
     Each is a folder or file inside the workspace, apart from every other one and from .git and .dvc:
     stages replace their outputs whole, so an output on top of the corpus would delete it."""
+
     raw: str = "data/raw"
     """ingest's output: one JSONL file per source"""
     clean: str = "data/clean"
@@ -96,7 +98,7 @@ def check_paths(paths: PathsConfig) -> None:
     defaults = PathsConfig().model_dump()
     keys = list(parts)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             shorter = min(len(parts[a]), len(parts[b]))
             if parts[a][:shorter] != parts[b][:shorter]:
                 continue
@@ -280,6 +282,7 @@ class PromoteConfig(Section):
 # ---------------------------------------------------------------- orchestration (Prefect)
 class WorkPoolsConfig(Section):
     """Prefect work pool names; `lmline deploy` creates missing ones as process pools."""
+
     cpu: Annotated[str, Field(min_length=1)] = "cpu"
     """runs the retrain flow (and so the stages routed to cpu)"""
     gpu: Annotated[str, Field(min_length=1)] = "gpu"
@@ -350,6 +353,7 @@ class OrchestrationConfig(Section):
 
 class Params(Section):
     """The whole params.yaml: one section per stage plus project, paths, promote and orchestration."""
+
     project: ProjectConfig = ProjectConfig()
     """names and the seed"""
     paths: PathsConfig = PathsConfig()

@@ -5,6 +5,7 @@ use_attribute_docstrings) and each class's docstring; defaults and ranges from t
 `python -m lmline.configdoc` rewrites the doc; tests/test_configdoc.py fails when the committed doc
 differs from what this produces.
 """
+
 from __future__ import annotations
 
 import inspect

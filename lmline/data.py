@@ -13,6 +13,7 @@ is safe: data that is already there (a text file of the same name and bytes, or 
 already ends with exactly these rows) is not added twice, and the remaining steps run again, so a
 re-run after any failure ends as one clean run would.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,9 @@ def find_source(params: Params, name: str) -> Source:
     if isinstance(source, SampleSource):
         raise LmlineError(f"source {name!r} is a sample (fetched, not stored): add data to a file source")
     if isinstance(source, TextFilesSource) and source_place(source) == Path(params.paths.corpus):
-        raise LmlineError(f"source {name!r}: its glob {source.path!r} must sit in a directory below {params.paths.corpus}/")
+        raise LmlineError(
+            f"source {name!r}: its glob {source.path!r} must sit in a directory below {params.paths.corpus}/"
+        )
     return source
 
 
@@ -163,8 +166,9 @@ def without_bom(data: bytes) -> bytes:
     return data.removeprefix(b"\xef\xbb\xbf")
 
 
-def append_rows(root: Path, new: Path, source: JsonlSource | CsvSource | ParquetSource,
-                rollback: Rollback) -> tuple[list[Path], bool]:
+def append_rows(
+    root: Path, new: Path, source: JsonlSource | CsvSource | ParquetSource, rollback: Rollback
+) -> tuple[list[Path], bool]:
     """Append the new file's rows to the source's file (a copy when the source has none yet), after
     reading exactly what is appended the way ingest will. Rows the file already ends with are not
     appended again (a re-run)."""
@@ -233,8 +237,11 @@ def emit_updated(params: Params, source: str, payload: dict) -> bool:
 
     emit_event(
         event=EVENT,
-        resource={"prefect.resource.id": f"lmline.source.{params.project.name}.{source}",
-                  "prefect.resource.name": source, "lmline.project": params.project.name},
+        resource={
+            "prefect.resource.id": f"lmline.source.{params.project.name}.{source}",
+            "prefect.resource.name": source,
+            "lmline.project": params.project.name,
+        },
         payload=payload,
     )
     EventsWorker.instance().wait_until_empty()  # sent before a short-lived CLI exits
@@ -265,7 +272,13 @@ def add(params: Params, root: Path, new: Path, source_name: str) -> dict:
             git_ref = f"refs/lmline/data/{source.name}-{md5.removesuffix('.dir')[:12]}"
             rollback.ref_to_push(git_ref)
             revision = snapshot(root, git_ref)
-        payload = {"source": source.name, "md5": md5, "path": str(place), "files": [str(p) for p in added],
-                   "git_ref": git_ref, "revision": revision}
+        payload = {
+            "source": source.name,
+            "md5": md5,
+            "path": str(place),
+            "files": [str(p) for p in added],
+            "git_ref": git_ref,
+            "revision": revision,
+        }
         event = emit_updated(params, source.name, payload)
     return {**payload, "changed": changed, "dvc_remote": remote or "", "event": event}

@@ -12,6 +12,7 @@ entries of dead pids are dropped), so the next run in the workspace needs no man
 Kept free of heavy imports (the watcher starts before the flow does) and of lmline's own modules: the
 stage shell and the flows alike use it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,13 @@ def watch_children() -> bool:
         return False  # PR_SET_PDEATHSIG is Linux's
     token = f"{os.getpid()}:{uuid.uuid4().hex}"
     # Its own session: a Ctrl-C in the terminal is for the run, not for the watcher.
-    subprocess.Popen([sys.executable, "-m", "lmline.guard", str(os.getpid()), token], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.Popen(
+        [sys.executable, "-m", "lmline.guard", str(os.getpid()), token],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     os.environ[TOKEN_ENV] = token
     return True
 

@@ -8,12 +8,14 @@ A card only includes the stages that ran before its model was registered (a pret
 at registration must not quote the previous run's evaluation); it is rewritten after evaluation and
 again after promotion, when the comparison with the previous champion is known.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from lmline.config import STAGES, Params, metrics_path
 from lmline.io import read_json
+from lmline.stages import model_name
 
 
 # ---------------------------------------------------------------- formatting
@@ -47,13 +49,27 @@ def data_section(params: Params, metrics: dict) -> list[str]:
     rows = []
     for source in params.ingest.sources:
         m = per_source.get(source.name, {})
-        rows.append([f"`{source.name}`", source.type, source.role, num(m.get("docs_in")), num(m.get("docs_out")),
-                     megabytes(m["bytes_out"]) if "bytes_out" in m else "–"])
-    lines = ["## Data", "", *table(["source", "type", "role", "documents in", "after cleaning", "size after cleaning"], rows)]
+        rows.append(
+            [
+                f"`{source.name}`",
+                source.type,
+                source.role,
+                num(m.get("docs_in")),
+                num(m.get("docs_out")),
+                megabytes(m["bytes_out"]) if "bytes_out" in m else "–",
+            ]
+        )
+    lines = [
+        "## Data",
+        "",
+        *table(["source", "type", "role", "documents in", "after cleaning", "size after cleaning"], rows),
+    ]
     splits = clean.get("splits", {})
     if splits:
-        shown = "; ".join(f"{role}: " + ", ".join(f"{split} {num(n)}" for split, n in sorted(s.items()))
-                          for role, s in sorted(splits.items()))
+        shown = "; ".join(
+            f"{role}: " + ", ".join(f"{split} {num(n)}" for split, n in sorted(s.items()))
+            for role, s in sorted(splits.items())
+        )
         lines += ["", f"Documents per split ({shown}), split by a hash of each cleaned text."]
     return lines + [""]
 
@@ -69,7 +85,8 @@ def tokenizer_section(params: Params, metrics: dict) -> list[str]:
         f"Byte-level BPE trained by lmline on a {num(tok.get('train_sample_mb'), 3)} MB sample of the train split: "
         f"{num(tok.get('vocab_size'))} tokens (`{params.tokenize.eos_token}` opens and ends documents, "
         f"`{params.tokenize.pad_token}` pads). Bytes per token: "
-        + ", ".join(f"{split} {num(v, 3)}" for split, v in sorted(bpt.items())) + ".",
+        + ", ".join(f"{split} {num(v, 3)}" for split, v in sorted(bpt.items()))
+        + ".",
         "",
     ]
 
@@ -87,8 +104,11 @@ def architecture_section(params: Params, metrics: dict, is_base: bool) -> list[s
     ]
     if not is_base:
         ft = metrics.get("finetune") or {}
-        head = "classification head over " + ", ".join(f"`{label}`" for label in ft.get("labels", [])) \
-            if params.finetune.task == "classification" else "the language-model head, trained further"
+        head = (
+            "classification head over " + ", ".join(f"`{label}`" for label in ft.get("labels", []))
+            if params.finetune.task == "classification"
+            else "the language-model head, trained further"
+        )
         rows.append(["task", f"{params.finetune.task}: {head}"])
     return ["## Architecture", "", *table(["", ""], rows), ""]
 
@@ -97,21 +117,38 @@ def budget_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
     pre = metrics.get("pretrain") or {}
     rows = []
     if pre:
-        rows.append([
-            "pretrain", num(pre.get("steps")), f"{num(pre.get('tokens_seen'))} tokens", num(pre.get("train_seconds"), 1),
-            f"{pre.get('stopped_by')} (budget {num(params.pretrain.max_steps)} steps / {params.pretrain.max_minutes:g} min)",
-            f"{pre.get('precision')} × {pre.get('devices')}, {num(pre.get('tokens_per_second'), 1)} tokens/s",
-        ])
+        rows.append(
+            [
+                "pretrain",
+                num(pre.get("steps")),
+                f"{num(pre.get('tokens_seen'))} tokens",
+                num(pre.get("train_seconds"), 1),
+                f"{pre.get('stopped_by')} "
+                f"(budget {num(params.pretrain.max_steps)} steps / {params.pretrain.max_minutes:g} min)",
+                f"{pre.get('precision')} × {pre.get('devices')}, {num(pre.get('tokens_per_second'), 1)} tokens/s",
+            ]
+        )
     ft = metrics.get("finetune") or {}
     if ft and not is_base:
-        rows.append([
-            "finetune", num(ft.get("steps")), f"{num(ft.get('train_examples'))} examples", num(ft.get("train_seconds"), 1),
-            f"{ft.get('stopped_by')} (budget {num(params.finetune.max_steps)} steps / {params.finetune.max_minutes:g} min)",
-            f"best checkpoint at step {num(ft.get('best_step'))}",
-        ])
+        rows.append(
+            [
+                "finetune",
+                num(ft.get("steps")),
+                f"{num(ft.get('train_examples'))} examples",
+                num(ft.get("train_seconds"), 1),
+                f"{ft.get('stopped_by')} "
+                f"(budget {num(params.finetune.max_steps)} steps / {params.finetune.max_minutes:g} min)",
+                f"best checkpoint at step {num(ft.get('best_step'))}",
+            ]
+        )
     if not rows:
         return []
-    return ["## Training budget", "", *table(["stage", "steps", "data seen", "seconds", "stopped by", "notes"], rows), ""]
+    return [
+        "## Training budget",
+        "",
+        *table(["stage", "steps", "data seen", "seconds", "stopped by", "notes"], rows),
+        "",
+    ]
 
 
 def metrics_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
@@ -120,8 +157,13 @@ def metrics_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
     lm = (ev or {}).get("lm", {})
     rows = [["validation (pretrain, whole split)", num(pre.get("val_bits_per_byte")), num(pre.get("val_perplexity"))]]
     if lm:
-        rows.append([f"test ({num(lm.get('test_tokens'))} tokens, {lm.get('context')}-token windows)",
-                     num(lm.get("test_bits_per_byte")), num(lm.get("test_perplexity"))])
+        rows.append(
+            [
+                f"test ({num(lm.get('test_tokens'))} tokens, {lm.get('context')}-token windows)",
+                num(lm.get("test_bits_per_byte")),
+                num(lm.get("test_perplexity")),
+            ]
+        )
     lines += ["Base language model (lower is better):", "", *table(["split", "bits per byte", "perplexity"], rows), ""]
     if ev is None:
         return lines + ["Not evaluated on the test split yet.", ""]
@@ -132,15 +174,27 @@ def metrics_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
         rows = [["**this model**", num(task.get("accuracy")), num(task.get("macro_f1"))]]
         for name, label in (("majority", "majority class"), ("tfidf_logreg", "TF-IDF + logistic regression")):
             if name in baselines:
-                rows.append([f"baseline: {label}", num(baselines[name].get("accuracy")), num(baselines[name].get("macro_f1"))])
-        lines += [f"Classification on the test split ({num(task.get('test_examples'))} examples):", "",
-                  *table(["model", "accuracy", "macro-F1"], rows), ""]
+                rows.append(
+                    [f"baseline: {label}", num(baselines[name].get("accuracy")), num(baselines[name].get("macro_f1"))]
+                )
+        lines += [
+            f"Classification on the test split ({num(task.get('test_examples'))} examples):",
+            "",
+            *table(["model", "accuracy", "macro-F1"], rows),
+            "",
+        ]
     else:
         rows = [["**this model**", num(task.get("test_bits_per_byte")), num(task.get("test_perplexity"))]]
         base = baselines.get("base_model", {})
-        rows.append(["baseline: the pretrained model", num(base.get("test_bits_per_byte")), num(base.get("test_perplexity"))])
-        lines += ["Language modelling on the fine-tuning source's test text:", "",
-                  *table(["model", "bits per byte", "perplexity"], rows), ""]
+        rows.append(
+            ["baseline: the pretrained model", num(base.get("test_bits_per_byte")), num(base.get("test_perplexity"))]
+        )
+        lines += [
+            "Language modelling on the fine-tuning source's test text:",
+            "",
+            *table(["model", "bits per byte", "perplexity"], rows),
+            "",
+        ]
     return lines
 
 
@@ -155,14 +209,23 @@ def champion_section(decision: dict, aliases: list[str], metric: str) -> list[st
     lines = ["## Compared with the champion", "", f"Aliases when this card was written: {shown}."]
     verdict = decision.get("lmline.decision")
     if not verdict:
-        return lines + ["", "Not compared yet: the retrain flow compares a candidate with the champion after evaluation.", ""]
+        return lines + [
+            "",
+            "Not compared yet: the retrain flow compares a candidate with the champion after evaluation.",
+            "",
+        ]
     if verdict == "promoted-manually":
-        return lines + ["", f"Made champion by hand by {decision.get('lmline.decision.by')}: "
-                        f"{decision.get('lmline.decision.reason')}.", ""]
+        return lines + [
+            "",
+            f"Made champion by hand by {decision.get('lmline.decision.by')}: {decision.get('lmline.decision.reason')}.",
+            "",
+        ]
     rows = [["this version", num(tag_number(decision.get("lmline.decision.candidate_metric")))]]
     champion = decision.get("lmline.decision.champion_version")
     if champion:
-        rows.append([f"champion before (v{champion})", num(tag_number(decision.get("lmline.decision.champion_metric")))])
+        rows.append(
+            [f"champion before (v{champion})", num(tag_number(decision.get("lmline.decision.champion_metric")))]
+        )
     return lines + [
         "",
         f"Decision: **{verdict}**: {decision.get('lmline.decision.reason')}.",
@@ -188,12 +251,16 @@ def use_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
         f"- It knows only what its sources ({sources}) contain, with their language, era and biases; "
         "its generations are fluent at best and never reliable as facts.",
         f"- Inputs longer than the context ({params.pretrain.context} tokens) are cut"
-        + ("." if is_base else f"; the fine-tuned model reads at most {params.finetune.max_length} tokens per example."),
+        + (
+            "." if is_base else f"; the fine-tuned model reads at most {params.finetune.max_length} tokens per example."
+        ),
     ]
     if not is_base and params.finetune.task == "classification":
         labels = ", ".join(f"`{label}`" for label in (metrics.get("finetune") or {}).get("labels", []))
-        lines.append(f"- The classifier always answers one of {labels}, even for text unlike its training data; "
-                     "check it beats the baselines above before relying on it.")
+        lines.append(
+            f"- The classifier always answers one of {labels}, even for text unlike its training data; "
+            "check it beats the baselines above before relying on it."
+        )
     lines.append("- Not for decisions about people, nor for anything needing safety or factual accuracy.")
     return lines + [""]
 
@@ -201,34 +268,52 @@ def use_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
 def lineage_section(lineage: dict) -> list[str]:
     prefect = lineage.get("prefect") or {}
     rows = [
-        ["git commit", f"`{lineage.get('git_commit')}`" + (" (uncommitted changes)" if lineage.get("git_dirty") == "true" else "")],
+        [
+            "git commit",
+            f"`{lineage.get('git_commit')}`" + (" (uncommitted changes)" if lineage.get("git_dirty") == "true" else ""),
+        ],
         ["MLflow run", f"`{lineage.get('mlflow_run_id')}` (stage `{lineage.get('stage')}`)"],
     ]
     if lineage.get("pipeline_run_id"):
         rows.append(["pipeline run", f"`{lineage['pipeline_run_id']}`"])
     if prefect.get("flow_run_id"):
         url = prefect.get("flow_run_url", "")  # lmline.tracking.lineage.flow_run_link
-        url = f" {url}" if url.startswith("http") else f" (made without a Prefect server; to see it: {url})" if url else ""
+        url = (
+            f" {url}"
+            if url.startswith("http")
+            else f" (made without a Prefect server; to see it: {url})"
+            if url
+            else ""
+        )
         rows.append(["Prefect flow run", f"`{prefect.get('flow_run_name')}` (`{prefect['flow_run_id']}`){url}"])
     base = lineage.get("base_model")
     if base:
         rows.append(["fine-tuned from", f"`{base.get('model')}`"])
     rows += [[f"DVC dep `{dep}`", f"`{md5}`"] for dep, md5 in sorted((lineage.get("dvc_deps") or {}).items())]
-    return ["## Lineage", "", *table(["", ""], rows), "", f"Full record: `lmline lineage models:/{lineage.get('model')}`.", ""]
+    return [
+        "## Lineage",
+        "",
+        *table(["", ""], rows),
+        "",
+        f"Full record: `lmline lineage models:/{lineage.get('model')}`.",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------- the card
 def render(params: Params, model: str, metrics: dict[str, dict], samples: str | None, lineage: dict) -> str:
     """The markdown card of registered version `model` ("name/version")."""
     name, _, version = model.partition("/")
-    is_base = name == f"{params.project.name}-base"
+    is_base = name == model_name(params.project.name, "base", params.finetune.task)
     pre = metrics.get("pretrain") or {}
     what = "pretrained language model" if is_base else f"{params.finetune.task} model fine-tuned from it"
+    tuned_source = (metrics.get("finetune") or {}).get("source", params.finetune.source)
     intro = (
         f"A {num(pre.get('parameters'))}-parameter {params.pretrain.arch} {what}, trained by lmline "
-        f"(project `{params.project.name}`)." if is_base else
-        f"A {params.finetune.task} model: the {num(pre.get('parameters'))}-parameter {params.pretrain.arch} base "
-        f"language model fine-tuned on `{(metrics.get('finetune') or {}).get('source', params.finetune.source)}` by lmline "
+        f"(project `{params.project.name}`)."
+        if is_base
+        else f"A {params.finetune.task} model: the {num(pre.get('parameters'))}-parameter {params.pretrain.arch} base "
+        f"language model fine-tuned on `{tuned_source}` by lmline "
         f"(project `{params.project.name}`)."
     )
     lines = [f"# Model card: {name} v{version}", "", intro, ""]
@@ -238,11 +323,17 @@ def render(params: Params, model: str, metrics: dict[str, dict], samples: str | 
     lines += budget_section(params, metrics, is_base)
     lines += metrics_section(params, metrics, is_base)
     if not is_base:
-        lines += champion_section(lineage.get("decision") or {}, lineage.get("aliases") or [],
-                                  params.promote.resolved(params.finetune.task).metric)
+        lines += champion_section(
+            lineage.get("decision") or {},
+            lineage.get("aliases") or [],
+            params.promote.resolved(params.finetune.task).metric,
+        )
     classifier = not is_base and params.finetune.task == "classification"
-    lines += samples_section(samples, "From the evaluate stage (reports/samples.txt)"
-                             + (": a classifier does not generate, so these come from its base language model." if classifier else "."))
+    lines += samples_section(
+        samples,
+        "From the evaluate stage (reports/samples.txt)"
+        + (": a classifier does not generate, so these come from its base language model." if classifier else "."),
+    )
     lines += use_section(params, metrics, is_base)
     lines += lineage_section(lineage)
     return "\n".join(lines).rstrip() + "\n"

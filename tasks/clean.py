@@ -28,6 +28,7 @@ this process: the shard pre-pass (at cluster scale the raw data already comes as
 memory (there, a ParquetWriter step per role and split). SlurmPipelineExecutor is not wired: it returns
 once its jobs are queued, and a DVC stage must end with its outputs written (docs/production.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -390,9 +391,7 @@ def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str,
         "sources": per_source,
         "docs_in": sum(m["docs_in"] for m in per_source.values()),
         "docs_out": len(docs),
-        "duplicates_removed": {
-            rule: sum(m["drops"].get(rule, 0) for m in per_source.values()) for rule in DEDUP_RULES
-        },
+        "duplicates_removed": {rule: sum(m["drops"].get(rule, 0) for m in per_source.values()) for rule in DEDUP_RULES},
         "pii_replaced": pii if cfg.pii.enabled else {},
         "splits": splits,
         "workers": workers,

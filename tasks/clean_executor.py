@@ -2,6 +2,7 @@
 (processes here) or, with `clean.executor: ray`, RayPipelineExecutor on a Ray cluster that
 executor_session connects to for the stage's duration. Both run the same pipeline lists with the same
 task counts, so they write the same outputs (tests/test_ray.py compares them byte for byte)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,13 @@ def pipeline_executor(cfg: CleanConfig, steps: list, tasks: int, workers: int, l
 
         # workers=-1: as many tasks at once as the cluster has room for (Ray schedules by the reservations)
         return RayPipelineExecutor(
-            steps, tasks=tasks, workers=-1, logging_dir=logs, cpus_per_task=cfg.ray.cpus_per_task,
-            mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb, time=cfg.ray.task_timeout_s,
+            steps,
+            tasks=tasks,
+            workers=-1,
+            logging_dir=logs,
+            cpus_per_task=cfg.ray.cpus_per_task,
+            mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb,
+            time=cfg.ray.task_timeout_s,
         )
     return LocalPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=logs, start_method=START_METHOD)
 

@@ -13,6 +13,7 @@ datatrove's own code. What they replace, measured on the default corpus (19 MB) 
   numpy hashes. The same word 5-grams, other shingle values: its signatures do not mix with stock
   datatrove's (an index built by it, say).
 """
+
 from __future__ import annotations
 
 import dataclasses

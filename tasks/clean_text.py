@@ -1,6 +1,7 @@
 """The clean stage's text steps, pure functions and the datatrove steps around them: normalisation
 (FTFY NFKC + whitespace), chunking long documents into paragraph-sized pieces, and the PII scrub that
 replaces URLs, e-mail addresses, IPs and phone numbers by placeholders and counts them."""
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ model on that test text, with the pretrained model as the baseline.)
 
 Plus generation samples for evaluate.prompts. `evaluate_text` backs `lmline evaluate-text`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -107,11 +108,15 @@ def classify(model, tokenizer, texts: list[str], max_length: int, batch_size: in
 def majority_baseline(train_labels: list[str], test_labels: list[str], labels: list[str]) -> dict:
     counts = Counter(train_labels)
     majority = min(labels, key=lambda label: (-counts[label], label))  # ties: the first in sort order
-    scores = classification_metrics(label_ids_of(test_labels, labels), [labels.index(majority)] * len(test_labels), len(labels))
+    scores = classification_metrics(
+        label_ids_of(test_labels, labels), [labels.index(majority)] * len(test_labels), len(labels)
+    )
     return {**scores, "label": majority}
 
 
-def tfidf_logreg_baseline(train: list[tuple[str, str]], test: list[tuple[str, str]], labels: list[str], cfg: EvaluateConfig, seed: int) -> dict:
+def tfidf_logreg_baseline(
+    train: list[tuple[str, str]], test: list[tuple[str, str]], labels: list[str], cfg: EvaluateConfig, seed: int
+) -> dict:
     """Word n-gram TF-IDF + logistic regression on (text, label) pairs: the cheap model an LM must beat."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -191,12 +196,16 @@ def evaluate_lm(model, tokens_dir: Path, cfg: EvaluateConfig) -> dict:
     return {**lm_scores(nll, n_tokens, n_bytes, prefix="test_"), "context": context_length(model.config)}
 
 
-def evaluate_classifier(tuned: Path, clean: Path, info: dict, cfg: EvaluateConfig, seed: int, confusion_csv: Path) -> tuple[dict, dict]:
+def evaluate_classifier(
+    tuned: Path, clean: Path, info: dict, cfg: EvaluateConfig, seed: int, confusion_csv: Path
+) -> tuple[dict, dict]:
     labels, source = info["labels"], info["source"]
     train, test = source_rows(clean, "train", source), source_rows(clean, "test", source)
     label_ids(test, labels, split_path(clean, "test"))  # fails on a label the model never saw
     model, tokenizer = load_classifier(tuned)
-    predicted = [labels[i] for i in classify(model, tokenizer, [r["text"] for r in test], info["max_length"], cfg.batch_size)]
+    predicted = [
+        labels[i] for i in classify(model, tokenizer, [r["text"] for r in test], info["max_length"], cfg.batch_size)
+    ]
     actual = [r["label"] for r in test]
 
     with atomic_path(confusion_csv) as tmp, open(tmp, "w", newline="") as fh:

@@ -12,6 +12,7 @@ tasks/models.py), plots/finetune_loss.csv, and returns metrics. Bad input fails 
 before training. The data helpers are tasks/finetune_data.py; the Trainer set-up shared with
 pretrain is tasks/training.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,11 @@ def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric
     """The shared arguments (tasks/training.py) plus finetune's own: the Trainer's AdamW with a cosine
     schedule, and the best checkpoint kept and reloaded at the end."""
     return training.training_args(
-        checkpoints, seed=seed, max_steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+        checkpoints,
+        seed=seed,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
         save_every=cfg.eval_every,  # load_best_model_at_end needs a checkpoint at every eval
         log_every=max(1, cfg.eval_every // 10),  # a train-loss curve finer than the eval points
         learning_rate=cfg.lr,
@@ -117,11 +122,15 @@ def causal_lm_setup(cfg: FinetuneConfig, model_dir: Path, clean: Path, tokenizer
     separator = cfg.prompt_separator if cfg.mask_prompt else None
 
     def encode(split: str) -> list[dict]:
-        examples = [causal_lm_example(tokenizer, r["text"], max_length, separator) for r in source_rows(clean, split, source)]
+        examples = [
+            causal_lm_example(tokenizer, r["text"], max_length, separator) for r in source_rows(clean, split, source)
+        ]
         # A prompt longer than max_length leaves nothing to learn: such an example only adds a NaN loss.
         kept = [e for e in examples if any(y != IGNORE for y in e["labels"])]
         if not kept:
-            raise LmlineError(f"{split_path(clean, split)}: no example has a response within finetune.max_length={max_length}")
+            raise LmlineError(
+                f"{split_path(clean, split)}: no example has a response within finetune.max_length={max_length}"
+            )
         return kept
 
     train, val = encode("train"), encode("val")
@@ -139,7 +148,9 @@ def fit(trainer: Trainer, clock: TrainingClock, resume_from: Path | None, done: 
             # strict=False as the Trainer loads its best model: tied weights are stored once
             loaded = trainer.model.load_state_dict(load_file(checkpoint / SAFE_WEIGHTS_NAME), strict=False)
             if loaded.unexpected_keys:
-                raise LmlineError(f"{checkpoint}: not a checkpoint of this model (unexpected {loaded.unexpected_keys[:3]})")
+                raise LmlineError(
+                    f"{checkpoint}: not a checkpoint of this model (unexpected {loaded.unexpected_keys[:3]})"
+                )
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = training.loss_history(trainer.state.log_history)  # before evaluate() adds a row of its own
@@ -173,7 +184,9 @@ def run(cfg: FinetuneConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
 
     transformers.set_seed(seed)  # before the model loads: a new classification head is initialised there
     if cfg.task == "classification":
-        model, train, val, labels = classification_setup(cfg, inputs["model"], inputs["clean"], tokenizer, source, max_length)
+        model, train, val, labels = classification_setup(
+            cfg, inputs["model"], inputs["clean"], tokenizer, source, max_length
+        )
         collator, best_metric = DataCollatorWithPadding(tokenizer), "macro_f1"
 
         def compute_metrics(pred) -> dict[str, float]:
@@ -186,14 +199,18 @@ def run(cfg: FinetuneConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
 
     # Same params and data as the checkpoints: a killed run continues; anything else starts fresh.
     ckpt_dir = Path(outputs["checkpoints"])
-    with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
+    with (
+        resume.processes().main_process_first()
+    ):  # several processes (launch_distributed): rank 0 decides, then the rest
         resume_from = resume.resume_point(ckpt_dir, fingerprint(cfg, seed, inputs))
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, evaluate_at_stop=True, logger=log)
     if resume_from:
         log.info("resuming from %s (%.1f s already trained)", resume_from, clock.already_s)
     done = resume.finished(resume_from, cfg.max_steps, clock.budget_s)
     trainer = training.make_trainer(
-        "finetune", training_args(cfg, seed, outputs["checkpoints"], best_metric), clock,
+        "finetune",
+        training_args(cfg, seed, outputs["checkpoints"], best_metric),
+        clock,
         callbacks=(EarlyStoppingCallback(cfg.early_stopping_patience),),
         bar=not done,  # no training, no bar
         model=model,
@@ -223,4 +240,3 @@ def run(cfg: FinetuneConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
     else:
         metrics.update(val_perplexity=math.exp(final["eval_loss"]), mask_prompt=cfg.mask_prompt)
     return metrics
-

@@ -2,6 +2,7 @@
 its labels, and the classification scores. Shared by finetune (training), evaluate (test scores and
 baselines) and the scoring flow, so each reads the data and counts a hit the same way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,7 +51,9 @@ def label_set(rows: list[dict], path: Path) -> list[str]:
         raise LmlineError(f"{path}: no `label` column (classification needs labels; or set finetune.task: causal-lm)")
     unlabelled = [r["id"] for r in rows if r["label"] in (None, "")]
     if len(unlabelled) == len(rows):
-        raise LmlineError(f"{path}: the label column is empty (classification needs labels; or set finetune.task: causal-lm)")
+        raise LmlineError(
+            f"{path}: the label column is empty (classification needs labels; or set finetune.task: causal-lm)"
+        )
     if unlabelled:
         raise LmlineError(f"{path}: row {unlabelled[0]!r} has no label ({len(unlabelled)} rows without one)")
     labels = sorted({r["label"] for r in rows})
@@ -63,7 +66,9 @@ def label_ids(rows: list[dict], labels: list[str], path: Path) -> list[int]:
     index = {label: i for i, label in enumerate(labels)}
     for r in rows:
         if r.get("label") not in index:
-            raise LmlineError(f"{path}: row {r['id']!r} has label {r.get('label')!r}, not one of the training labels {labels}")
+            raise LmlineError(
+                f"{path}: row {r['id']!r} has label {r.get('label')!r}, not one of the training labels {labels}"
+            )
     return [index[r["label"]] for r in rows]
 
 

@@ -14,6 +14,7 @@ is a data error, not the text "12" or "True".
 The raw dir is rebuilt whole in a temp dir and swapped in at the end: a bad source leaves the old
 dir (or none), never a mix.
 """
+
 from __future__ import annotations
 
 import configparser

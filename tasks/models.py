@@ -7,6 +7,7 @@ Text reaches a model as pretraining packed it: a bos (<|endoftext|>) before each
 special token; a classification example ends on eos as well, so the classifier reads every example
 out at the same token.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +33,9 @@ def context_length(model_config) -> int:
 
 
 def write_info(model_dir: Path, task: str, source: str, labels: list[str], max_length: int) -> None:
-    write_json(Path(model_dir) / INFO_FILE, {"task": task, "source": source, "labels": labels, "max_length": max_length})
+    write_json(
+        Path(model_dir) / INFO_FILE, {"task": task, "source": source, "labels": labels, "max_length": max_length}
+    )
 
 
 def read_info(model_dir: Path) -> dict:

@@ -28,12 +28,13 @@ Training is `transformers.Trainer` with our own AdamW and LR schedule:
   `eval_batches` batches of the same windows, so the curve is comparable from row to row.
 
 Several devices: `pretrain.devices: N` makes `lmline stage pretrain` relaunch itself as N
-processes on this machine (lmline.cli.launch_distributed, a file rendezvous); the Trainer runs DDP
+processes on this machine (lmline.stage_process.launch_distributed, a file rendezvous); the Trainer runs DDP
 (NCCL on GPUs, gloo on CPUs), the DistributedSampler splits each step's windows, and only rank 0
 writes the model, the loss CSV, the checkpoints and the MLflow run. `batch_size` is per device: the global batch is
 batch_size x grad_accum x devices, and `devices` is in the checkpoint fingerprint (another global
 batch is another run).
 """
+
 from __future__ import annotations
 
 import logging
@@ -125,15 +126,30 @@ def model_config(cfg: PretrainConfig, vocab_size: int, bos_id: int, eos_id: int,
     d_ff = cfg.d_ff or default_d_ff(cfg)
     if cfg.arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=cfg.context, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_inner=d_ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **special,
+            vocab_size=vocab_size,
+            n_positions=cfg.context,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=d_ff,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings,
+            **special,
         )
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=d_ff, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or cfg.n_head,
-        max_position_embeddings=cfg.context, attention_dropout=cfg.dropout,
-        tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=1e-5, **special,
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        max_position_embeddings=cfg.context,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rms_norm_eps=1e-5,
+        **special,
     )
 
 
@@ -209,8 +225,14 @@ def training_args(cfg: PretrainConfig, seed: int, output_dir: Path) -> TrainingA
     compile settings, and less per-step overhead (the NaN/inf filter syncs the device every step;
     evaluation needs the loss only)."""
     return training.training_args(
-        output_dir, seed=seed, max_steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
-        save_every=cfg.checkpoint_every, log_every=cfg.log_every, precision=cfg.precision,
+        output_dir,
+        seed=seed,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
+        save_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum,
         max_grad_norm=cfg.grad_clip,  # 0 = no clipping
         torch_compile=cfg.compile,
@@ -221,13 +243,23 @@ def training_args(cfg: PretrainConfig, seed: int, output_dir: Path) -> TrainingA
     )
 
 
-def make_trainer(cfg: PretrainConfig, seed: int, model: nn.Module, train_set, eval_set, output_dir: Path,
-                 clock: TrainingClock, tokenizer=None) -> Trainer:
+def make_trainer(
+    cfg: PretrainConfig,
+    seed: int,
+    model: nn.Module,
+    train_set,
+    eval_set,
+    output_dir: Path,
+    clock: TrainingClock,
+    tokenizer=None,
+) -> Trainer:
     """The Trainer the stage and the benchmarks share: our AdamW, the budget-aware schedule, the clock."""
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, clock.seconds(), cfg))
     return training.make_trainer(
-        "pretrain", training_args(cfg, seed, output_dir), clock,
+        "pretrain",
+        training_args(cfg, seed, output_dir),
+        clock,
         model=model,
         data_collator=collate_windows,
         train_dataset=train_set,
@@ -258,7 +290,9 @@ def train(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], ckpt_dir: Pat
     val_tokens = load_split(tokens_dir, meta, "val", cfg.context)
     tokenizer = load_tokenizer(tokenizer_dir, meta, tokens_dir)
 
-    with resume.processes().main_process_first():  # several processes (launch_distributed): rank 0 decides, then the rest
+    with (
+        resume.processes().main_process_first()
+    ):  # several processes (launch_distributed): rank 0 decides, then the rest
         resume_from = resume_point(ckpt_dir, fingerprint(cfg, seed, tokens_dir, tokenizer_dir))
     start_step = checkpoint_step(resume_from) if resume_from else 0
     clock = TrainingClock.resumed(cfg.max_minutes * 60, resume_from, logger=log)
@@ -269,10 +303,14 @@ def train(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], ckpt_dir: Pat
     model = AutoModelForCausalLM.from_pretrained(resume_from) if finished else build_model(cfg, tokenizer)
     val_windows = TokenWindows(val_tokens, cfg.context, stride=cfg.context)
     trainer = make_trainer(
-        cfg, seed, model,
+        cfg,
+        seed,
+        model,
         train_set=TokenWindows(train_tokens, cfg.context, stride=1),
         eval_set=TokenWindows(val_tokens, cfg.context, stride=cfg.context, limit=cfg.eval_batches * cfg.batch_size),
-        output_dir=ckpt_dir, clock=clock, tokenizer=tokenizer,
+        output_dir=ckpt_dir,
+        clock=clock,
+        tokenizer=tokenizer,
     )
     if resume_from:
         log.info("resuming from %s (%.1f s already trained)", resume_from, clock.already_s)
@@ -286,17 +324,37 @@ def train(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], ckpt_dir: Pat
 
     steps = trainer.state.global_step
     metrics = training_metrics(
-        cfg, meta, model, log_history, steps=steps, start_step=start_step,
-        seconds=seconds, total_seconds=total_seconds, val_loss=val_loss,
-        val_windows=len(val_windows), devices=trainer.args.world_size,
+        cfg,
+        meta,
+        model,
+        log_history,
+        steps=steps,
+        start_step=start_step,
+        seconds=seconds,
+        total_seconds=total_seconds,
+        val_loss=val_loss,
+        val_windows=len(val_windows),
+        devices=trainer.args.world_size,
         stopped_by=training.stopped_by(steps, cfg.max_steps, clock),
     )
     return trainer, metrics, training.loss_history(log_history, final={"step": steps, "val_loss": val_loss})
 
 
-def training_metrics(cfg: PretrainConfig, meta: dict, model: nn.Module, log_history: list[dict], *, steps: int,
-                     start_step: int, seconds: float, total_seconds: float, val_loss: float, val_windows: int,
-                     devices: int, stopped_by: str) -> dict:
+def training_metrics(
+    cfg: PretrainConfig,
+    meta: dict,
+    model: nn.Module,
+    log_history: list[dict],
+    *,
+    steps: int,
+    start_step: int,
+    seconds: float,
+    total_seconds: float,
+    val_loss: float,
+    val_windows: int,
+    devices: int,
+    stopped_by: str,
+) -> dict:
     """The stage's metrics. Speed counts this attempt only (0 when a resumed run had nothing left)."""
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context * devices
     tokens_per_s = (steps - start_step) * tokens_per_step / seconds if seconds > 0 else 0.0
@@ -331,5 +389,5 @@ def run(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
             trainer.model.save_pretrained(tmp)  # safetensors + config + generation config
             trainer.processing_class.save_pretrained(tmp)
         training.write_loss_csv(Path(outputs["loss"]), history)
-        # The checkpoints stay until the shell has logged the run too (lmline.cli.run_stage deletes them).
+        # The checkpoints stay until the shell has logged the run too (lmline.stage_process.run_dvc_stage deletes them).
     return metrics

@@ -11,8 +11,9 @@ continues from the newest complete checkpoint and ends where an uninterrupted ru
   so far, so a time budget counts earlier attempts, and whether training was told to stop there (the
   run was done, only its outputs were not yet written).
 The stage never deletes its checkpoints: the shell does, once the outputs are written and logged
-(lmline.cli.run_stage), so a failure anywhere before that still resumes.
+(lmline.stage_process.run_dvc_stage), so a failure anywhere before that still resumes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,11 +49,11 @@ def fingerprint(section: BaseModel, seed: int, files: list[Path]) -> str:
     return h.hexdigest()
 
 
-STORE_ENV = "LMLINE_DIST_STORE"  # the rendezvous file lmline.cli.launch_distributed gives its processes
+STORE_ENV = "LMLINE_DIST_STORE"  # the rendezvous file lmline.stage_process.launch_distributed gives its processes
 
 
 def join_processes() -> None:
-    """Join the process group of `lmline.cli.launch_distributed`'s processes, through the file it
+    """Join the process group of `lmline.stage_process.launch_distributed`'s processes, through the file it
     names (a FileStore): no TCP rendezvous store, so nothing listens beyond loopback. accelerate and
     the Trainer then find the group initialised and use it. Nothing to do for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,8 +66,12 @@ def join_processes() -> None:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL binds each rank to its GPU
-    torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo", init_method=f"file://{store}",
-                                         rank=int(os.environ["RANK"]), world_size=world)
+    torch.distributed.init_process_group(
+        backend="nccl" if on_gpu else "gloo",
+        init_method=f"file://{store}",
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+    )
 
 
 def processes() -> PartialState:
@@ -102,7 +107,9 @@ def resume_point(ckpt_dir: Path, expected: str) -> Path | None:
         complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / CLOCK_FILE).is_file()]
         newest = max(complete, key=checkpoint_step, default=None)
         for partial in ckpt_dir.glob("checkpoint-*"):
-            if not (partial / CLOCK_FILE).is_file() and (newest is None or checkpoint_step(partial) > checkpoint_step(newest)):
+            if not (partial / CLOCK_FILE).is_file() and (
+                newest is None or checkpoint_step(partial) > checkpoint_step(newest)
+            ):
                 shutil.rmtree(partial)  # killed while saving: the Trainer would count it among the kept ones
         return newest
     if ckpt_dir.exists():
@@ -126,8 +133,9 @@ class TrainingClock(TrainerCallback):
     training at the budget (checkpointing, and evaluating first when `evaluate_at_stop`), records the
     seconds as each checkpoint's last file, logs progress to `logger`."""
 
-    def __init__(self, budget_s: float, already_s: float = 0.0, evaluate_at_stop: bool = False,
-                 logger: logging.Logger = log):
+    def __init__(
+        self, budget_s: float, already_s: float = 0.0, evaluate_at_stop: bool = False, logger: logging.Logger = log
+    ):
         self.budget_s, self.already_s = budget_s, already_s
         self.evaluate_at_stop, self.log = evaluate_at_stop, logger
         self.started: float | None = None
@@ -184,8 +192,14 @@ class TrainingClock(TrainerCallback):
         self._pause()
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json(ckpt / CLOCK_FILE, {"train_seconds": self.seconds(), "step": state.global_step,
-                                           "stopping": bool(control.should_training_stop)})
+            write_json(
+                ckpt / CLOCK_FILE,
+                {
+                    "train_seconds": self.seconds(),
+                    "step": state.global_step,
+                    "stopping": bool(control.should_training_stop),
+                },
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -32,6 +32,7 @@ pre-token each, and the BPE trainer's merges are quadratic in a pre-token's leng
 a sample without such runs is passed unchanged, so the tokenizer it trains is the same as before.
 Encoding is not cut (its BPE is n log n in the pre-token's length): ids are those of the whole text.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -300,8 +301,10 @@ def run(cfg: TokenizeConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
     dtype = token_dtype(vocab_size)
     eos_id, pad_id = tokenizer.token_to_id(cfg.eos_token), tokenizer.token_to_id(cfg.pad_token)
     encode_started = time.perf_counter()
-    packed = {split: encode_documents(texts[split], tokenizer, eos_id, threads, dtype)
-              for split in progress.bar(SPLITS, desc="encode", unit="split")}
+    packed = {
+        split: encode_documents(texts[split], tokenizer, eos_id, threads, dtype)
+        for split in progress.bar(SPLITS, desc="encode", unit="split")
+    }
     encode_seconds = time.perf_counter() - encode_started
 
     splits = {

@@ -7,6 +7,7 @@ Precision is picked once for both: `auto` is bf16 on a GPU that has it (Ampere a
 such a GPU also runs fp32 matmuls on its tensor cores (tf32). On a CPU both stay fp32, so a CPU run's
 numbers do not depend on this module.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,18 @@ def pick_precision(precision: str = "auto") -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def training_args(output_dir: Path, *, seed: int, max_steps: int, batch_size: int, eval_every: int,
-                  save_every: int, log_every: int, precision: str = "auto", **stage_args) -> TrainingArguments:
+def training_args(
+    output_dir: Path,
+    *,
+    seed: int,
+    max_steps: int,
+    batch_size: int,
+    eval_every: int,
+    save_every: int,
+    log_every: int,
+    precision: str = "auto",
+    **stage_args,
+) -> TrainingArguments:
     """The Trainer arguments of a training stage; `stage_args` adds or overrides the stage's own."""
     picked = pick_precision(precision)
     on_gpu = torch.cuda.is_available()
@@ -64,8 +75,15 @@ def training_args(output_dir: Path, *, seed: int, max_steps: int, batch_size: in
     return TrainingArguments(**{**shared, **stage_args})
 
 
-def make_trainer(stage: str, args: TrainingArguments, clock: TrainingClock, *, callbacks: tuple = (),
-                 bar: bool = True, **trainer_kwargs) -> Trainer:
+def make_trainer(
+    stage: str,
+    args: TrainingArguments,
+    clock: TrainingClock,
+    *,
+    callbacks: tuple = (),
+    bar: bool = True,
+    **trainer_kwargs,
+) -> Trainer:
     """A Trainer with the stage's callbacks, then the clock (time budget, checkpoint marker, progress
     log) and, unless `bar` is off (nothing left to train), the progress bar."""
     shown = [progress.training_bar(args.max_steps, clock.seconds_left, stage)] if bar else []

@@ -1,5 +1,6 @@
 """Texts the clean tests share: verse like the Shakespeare sample, an article like the news sample,
 spam that repeats itself, and English on which the regex word tokenizer and spaCy part ways."""
+
 from __future__ import annotations
 
 VERSE = """ROMEO.

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run in a temp workspace (cwd = tmp_path) so relative params.paths land there."""
+
 from __future__ import annotations
 
 import os
@@ -112,14 +113,31 @@ def tiny_params(**sections) -> dict:
         "ingest": {
             "sources": [
                 {"name": "docs", "type": "text_files", "role": "pretrain", "path": "corpus/docs/*.txt"},
-                {"name": "reviews", "type": "jsonl", "role": "finetune", "path": "corpus/reviews.jsonl",
-                 "text_field": "review", "label_field": "verdict"},
+                {
+                    "name": "reviews",
+                    "type": "jsonl",
+                    "role": "finetune",
+                    "path": "corpus/reviews.jsonl",
+                    "text_field": "review",
+                    "label_field": "verdict",
+                },
             ]
         },
         "clean": {"min_chars": 10, "workers": 1, "split": {"val": 0.15, "test": 0.15}},
         "tokenize": {"vocab_size": 300, "num_proc": 1},
-        "pretrain": {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 32, "batch_size": 8, "max_steps": 12,
-                     "eval_every": 6, "eval_batches": 2, "checkpoint_every": 6, "warmup_steps": 2, "log_every": 2},
+        "pretrain": {
+            "n_layer": 1,
+            "n_head": 2,
+            "d_model": 32,
+            "context": 32,
+            "batch_size": 8,
+            "max_steps": 12,
+            "eval_every": 6,
+            "eval_batches": 2,
+            "checkpoint_every": 6,
+            "warmup_steps": 2,
+            "log_every": 2,
+        },
         "finetune": {"max_steps": 12, "eval_every": 6, "batch_size": 16, "max_length": 32, "warmup_steps": 2},
         "evaluate": {"prompts": ["The king"], "max_new_tokens": 8, "batch_size": 16},
         "orchestration": {"retries": {}},
@@ -141,13 +159,22 @@ def make_dvc_repo(root: Path, params: dict) -> Path:
         shutil.copy(REPO / item, root / item)
     write_tiny_corpus(root)
     write_params(root / "params.yaml", params)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
-    for cmd in (["git", "init", "-q", "-b", "main"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                [sys.executable, "-m", "dvc", "config", "core.check_update", "false"],
-                ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],  # dvc.yaml's plot templates
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny pipeline"]):
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t.invalid",
+    }
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+        [sys.executable, "-m", "dvc", "config", "core.check_update", "false"],
+        ["cp", "-r", str(REPO / ".dvc" / "plots"), ".dvc/plots"],  # dvc.yaml's plot templates
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "tiny pipeline"],
+    ):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return root
 
@@ -182,7 +209,9 @@ def wait_for(check, what: str, timeout: float, procs=()) -> None:
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise AssertionError(f"{what}: {proc.args[:3]} exited {proc.returncode}\n{proc.log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{what}: {proc.args[:3]} exited {proc.returncode}\n{proc.log_path.read_text()[-3000:]}"
+                )
         if check():
             return
         time.sleep(0.25)  # polling interval, not a wait for something to happen
@@ -221,46 +250,77 @@ def served_pipeline(tmp_path_factory, mlflow_template):
     prefect_port, mlflow_port = free_port(), free_port()
     api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMLINE_", "MLFLOW_TRACKING", "PREFECT_API"))}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_UI_API_URL": api,  # else the UI calls port 4200
-        **OFFLINE_ENV,
-        "MLFLOW_TRACKING_URI": mlflow_url,
-    })
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_UI_API_URL": api,  # else the UI calls port 4200
+            **OFFLINE_ENV,
+            "MLFLOW_TRACKING_URI": mlflow_url,
+        }
+    )
     shutil.copy(mlflow_template, root / "mlflow.db")  # migrated already: the server starts sooner
     procs = []
 
     def start(name: str, cmd: list[str]):
         log = root / f"{name}.log"
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         proc.log_path = log
         procs.append(proc)
         return proc
 
     try:
         servers = [
-            start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
-            start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                                    "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"]),
+            start(
+                "prefect-server",
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            ),
+            start(
+                "mlflow-server",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--backend-store-uri",
+                    f"sqlite:///{root / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(root / "mlartifacts"),
+                    "--workers",
+                    "1",
+                ],
+            ),
         ]
         wait_for(lambda: answers(f"{api}/health"), "the Prefect server", 180, servers)
         wait_for(lambda: answers(f"{mlflow_url}/health"), "the MLflow server", 180, servers)
 
         workspace = make_dvc_repo(root / "workspace", tiny_params())
         started = time.perf_counter()
-        run = subprocess.run([str(BIN / "lmline"), "run"], cwd=workspace, env=env, capture_output=True, text=True,
-                             timeout=900)
+        run = subprocess.run(
+            [str(BIN / "lmline"), "run"], cwd=workspace, env=env, capture_output=True, text=True, timeout=900
+        )
         seconds = time.perf_counter() - started
         assert run.returncode == 0, f"lmline run failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
         flow_run = re.search(r"/runs/flow-run/([0-9a-f-]{36})", run.stdout)
         assert flow_run, f"the summary names no flow run:\n{run.stdout}"
-        yield {"root": root, "workspace": workspace, "env": env, "api": api, "ui": api.removesuffix("/api"),
-               "mlflow": mlflow_url, "flow_run_id": flow_run.group(1), "stdout": run.stdout, "stderr": run.stderr,
-               "seconds": seconds, "model": "tiny-classification"}
+        yield {
+            "root": root,
+            "workspace": workspace,
+            "env": env,
+            "api": api,
+            "ui": api.removesuffix("/api"),
+            "mlflow": mlflow_url,
+            "flow_run_id": flow_run.group(1),
+            "stdout": run.stdout,
+            "stderr": run.stderr,
+            "seconds": seconds,
+            "model": "tiny-classification",
+        }
     finally:
         for proc in reversed(procs):
             stop_group(proc)

@@ -7,13 +7,13 @@ version with the `champion` alias and the card as the version's description. The
 Needs Debian's chromium and the playwright package (.ci/run installs both; never `playwright install`,
 which downloads a browser). Screenshots land in test-output/ (git-ignored) for a person to look at.
 """
+
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -21,8 +21,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-output"
 STAGE_NAMES = ["ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,10 @@ def browser(tmp_path_factory):
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000},
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
         )
         try:
             yield context
@@ -51,8 +61,9 @@ def open_page(browser, url: str):
 
 
 def wait_for_text(page, *texts: str, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("want => want.every(t => document.body.innerText.includes(t))", arg=list(texts),
-                           timeout=timeout_ms)
+    page.wait_for_function(
+        "want => want.every(t => document.body.innerText.includes(t))", arg=list(texts), timeout=timeout_ms
+    )
 
 
 def shoot(page, name: str) -> None:
@@ -99,8 +110,13 @@ def repo_plots_template() -> Path:
     import subprocess
     import sys
 
-    configured = subprocess.run([sys.executable, "-m", "dvc", "config", "plots.html_template"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout.strip()
+    configured = subprocess.run(
+        [sys.executable, "-m", "dvc", "config", "plots.html_template"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     template = (REPO / ".dvc" / configured).resolve()
     assert template.is_file(), f"{template}: missing; `make install` builds it (Makefile: PLOTS_TEMPLATE)"
     return template
@@ -115,24 +131,37 @@ def test_dvc_plots_page_draws_the_loss_curves_with_no_network(browser, served_pi
 
     workspace = served_pipeline["workspace"]
     # config.local (git-ignored by DVC) so the shared workspace's git tree stays as other tests expect it
-    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "plots.html_template", str(repo_plots_template())],
-                   cwd=workspace, check=True, capture_output=True)
-    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=workspace, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "config", "--local", "plots.html_template", str(repo_plots_template())],
+        cwd=workspace,
+        check=True,
+        capture_output=True,
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show"], cwd=workspace, capture_output=True, text=True
+    )
     assert shown.returncode == 0, shown.stderr
     page_url = shown.stdout.strip().splitlines()[-1]
     assert page_url.startswith("file://") and page_url.endswith("dvc_plots/index.html"), shown.stdout
 
     page = browser.new_page()
     refused, errors = [], []
-    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file://")
-               else (refused.append(route.request.url), route.abort()))
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith("file://")
+            else (refused.append(route.request.url), route.abort())
+        ),
+    )
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     started = time.perf_counter()
     page.goto(page_url, wait_until="load")
     # vega-embed draws each plot as an <svg> in the plot's div (DVC's page leaves these divs empty offline)
-    page.wait_for_function("ids => ids.every(id => document.querySelector(`#${id} svg .mark-group`))",
-                           arg=PLOT_DIVS, timeout=30_000)
+    page.wait_for_function(
+        "ids => ids.every(id => document.querySelector(`#${id} svg .mark-group`))", arg=PLOT_DIVS, timeout=30_000
+    )
     print(f"\nplots page drawn {time.perf_counter() - started:.2f}s after it was opened")  # reported, never asserted
     for plot, data in LOSS_CURVES.items():
         # a line per series, and a point per measured cell (blank val_loss cells are skipped, not drawn as 0)

@@ -1,6 +1,7 @@
 """The clean stage: datatrove's filters as configured per source (with either word tokenizer: spaCy's runs
 for real), the split hash, and run() end to end on a tiny raw corpus in tmp_path, from a clean section
 alone. (Its text steps: test_clean_text.py; the fast stand-ins: test_clean_fast.py.)"""
+
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from clean_texts import ARTICLE, MIXED, REPETITIVE, VERSE
+from conftest import REPO
 from datatrove.data import Document
 
 from lmline import config
@@ -18,9 +21,6 @@ from lmline.config import ConfigError
 from lmline.errors import LmlineError
 from tasks import clean
 from tasks.clean_text import chunk_text, normalise_text
-
-from clean_texts import ARTICLE, MIXED, REPETITIVE, VERSE
-from conftest import REPO
 
 TOKENIZERS = ("fast", "spacy")
 
@@ -69,11 +69,14 @@ def test_default_rules_keep_one_line_reviews(defaults):
 
 @pytest.mark.parametrize("tokenizer", TOKENIZERS)
 def test_each_datatrove_filter_drops_what_it_is_for(tokenizer):
-    cfg = clean_config({
-        "plays": {"gopher_quality": {}},
-        "news": {"gopher_repetition": {}, "c4_quality": {}},
-        "reviews": {"fineweb_quality": {}, "min_chars": 5},
-    }, word_tokenizer=tokenizer)
+    cfg = clean_config(
+        {
+            "plays": {"gopher_quality": {}},
+            "news": {"gopher_repetition": {}, "c4_quality": {}},
+            "reviews": {"fineweb_quality": {}, "min_chars": 5},
+        },
+        word_tokenizer=tokenizer,
+    )
     assert first_drop(cfg, "plays", "Too few words to count as a page of text.") == "gopher_quality"
     assert first_drop(cfg, "news", REPETITIVE) == "gopher_repetition"
     assert first_drop(cfg, "news", ARTICLE) is None
@@ -88,8 +91,9 @@ def test_each_datatrove_filter_drops_what_it_is_for(tokenizer):
 def test_c4_may_not_pass_documents_it_emptied(make_params):
     sources = [{"name": "news", "type": "jsonl", "path": "corpus/news.jsonl"}]
     with pytest.raises(ConfigError, match=r"clean.filters.news.c4_quality.min_num_sentences must be >= 1"):
-        make_params({"ingest": {"sources": sources},
-                     "clean": {"filters": {"news": {"c4_quality": {"min_num_sentences": -1}}}}})
+        make_params(
+            {"ingest": {"sources": sources}, "clean": {"filters": {"news": {"c4_quality": {"min_num_sentences": -1}}}}}
+        )
 
 
 # ---------------------------------------------------------------- splits
@@ -129,8 +133,11 @@ def run_clean(cfg: CleanConfig, seed: int = 1337):
 
 
 def read_splits(clean_dir) -> dict:
-    return {(role.name, split): pq.read_table(role / f"{split}.parquet").to_pylist()
-            for role in sorted(clean_dir.iterdir()) for split in clean.SPLITS}
+    return {
+        (role.name, split): pq.read_table(role / f"{split}.parquet").to_pylist()
+        for role in sorted(clean_dir.iterdir())
+        for split in clean.SPLITS
+    }
 
 
 def test_run_cleans_dedups_scrubs_splits_and_accounts_for_every_document(workspace):
@@ -141,8 +148,9 @@ def test_run_cleans_dedups_scrubs_splits_and_accounts_for_every_document(workspa
     write_raw(workspace, "plays", "pretrain", ["\n\n".join(random_article(100 + i, 40) for i in range(6))])
     reviews = ["A glorious mess.", "Decent but dull.", "Painfully padded.", "A big fat pain.", "A glorious mess."]
     write_raw(workspace, "reviews", "finetune", reviews, labels=["fresh", "rotten", "rotten", "rotten", "fresh"])
-    cfg = clean_config({"plays": {"chunk_chars": 400}, "reviews": {"min_chars": 3}},
-                       split={"val": 0.3, "test": 0.3}, workers=2)
+    cfg = clean_config(
+        {"plays": {"chunk_chars": 400}, "reviews": {"min_chars": 3}}, split={"val": 0.3, "test": 0.3}, workers=2
+    )
 
     metrics, outputs = run_clean(cfg)
 
@@ -168,13 +176,17 @@ def test_run_cleans_dedups_scrubs_splits_and_accounts_for_every_document(workspa
     assert all(r["label"] is None for split in clean.SPLITS for r in tables["pretrain", split])
     assert any("<EMAIL>" in r["text"] for r in rows) and not any("editor@" in r["text"] for r in rows)
     texts_by_split = [{r["text"] for role in ("finetune", "pretrain") for r in tables[role, s]} for s in clean.SPLITS]
-    assert not (texts_by_split[0] & texts_by_split[1] or texts_by_split[0] & texts_by_split[2]
-                or texts_by_split[1] & texts_by_split[2])
+    assert not (
+        texts_by_split[0] & texts_by_split[1]
+        or texts_by_split[0] & texts_by_split[2]
+        or texts_by_split[1] & texts_by_split[2]
+    )
 
     with open(outputs["drops"], newline="") as fh:
         drops = list(csv.DictReader(fh))
     assert {(d["source"], d["rule"]): int(d["dropped"]) for d in drops} == {
-        (name, rule): n for name, m in sources.items() for rule, n in m["drops"].items()}
+        (name, rule): n for name, m in sources.items() for rule, n in m["drops"].items()
+    }
     assert not list((workspace / "data").glob(".clean.*")), "temp dirs are cleaned up"
 
 
@@ -194,21 +206,41 @@ def test_adding_documents_never_moves_old_ones(workspace):
 def test_spacy_words_run_through_the_stage_and_clean_as_the_regex_does(workspace):
     """clean.word_tokenizer: spacy end to end (datatrove's spaCy tokenizer in each worker process): on
     these texts it drops what the regex drops, and the outputs are the same byte for byte."""
-    write_raw(workspace, "news", "pretrain", [
-        ARTICLE, ARTICLE.replace("council", "assembly"), VERSE + "\n\n" + MIXED,  # kept, a near copy, kept
-        MIXED, "Results: " + ", ".join(f"{i}-{i + 3}" for i in range(60)) + ".",  # under 50 words; figures
-        REPETITIVE, "Subscribe!",
-    ])
-    filters = {"news": {"gopher_repetition": {}, "gopher_quality": {"max_non_alpha_words_ratio": 0.7},
-                        "c4_quality": {"filter_no_terminal_punct": False}}}  # params.yaml's news rules, near enough
+    write_raw(
+        workspace,
+        "news",
+        "pretrain",
+        [
+            ARTICLE,
+            ARTICLE.replace("council", "assembly"),
+            VERSE + "\n\n" + MIXED,  # kept, a near copy, kept
+            MIXED,
+            "Results: " + ", ".join(f"{i}-{i + 3}" for i in range(60)) + ".",  # under 50 words; figures
+            REPETITIVE,
+            "Subscribe!",
+        ],
+    )
+    filters = {
+        "news": {
+            "gopher_repetition": {},
+            "gopher_quality": {"max_non_alpha_words_ratio": 0.7},
+            "c4_quality": {"filter_no_terminal_punct": False},
+        }
+    }  # params.yaml's news rules, near enough
     outputs = {}
     for tokenizer in TOKENIZERS:
         metrics, written = run_clean(clean_config(filters, word_tokenizer=tokenizer, workers=2))
         outputs[tokenizer] = metrics["sources"], file_bytes(written)
     assert outputs["spacy"] == outputs["fast"]
     drops = outputs["spacy"][0]["news"]["drops"]
-    assert drops == {"min_chars": 1, "gopher_repetition": 1, "gopher_quality": 2, "c4_quality": 0, "exact_dup": 0,
-                     "near_dup": 1}
+    assert drops == {
+        "min_chars": 1,
+        "gopher_repetition": 1,
+        "gopher_quality": 2,
+        "c4_quality": 0,
+        "exact_dup": 0,
+        "near_dup": 1,
+    }
 
 
 def file_bytes(outputs: dict[str, Path]) -> dict[str, bytes]:
@@ -224,13 +256,20 @@ def test_a_source_that_loses_every_document_fails_naming_the_rules(workspace):
     drops_before = (workspace / "plots" / "clean_drops.csv").read_bytes()
     (workspace / "data" / "raw" / "news.jsonl").unlink()
     write_raw(workspace, "news", "pretrain", ["x", "y", ARTICLE, ARTICLE])  # 2 too short, 1 duplicate, 1 kept
-    write_raw(workspace, "reviews", "finetune", ["tiny", "Too few words to count as a page of text."],
-              labels=["fresh", "rotten"])
+    write_raw(
+        workspace,
+        "reviews",
+        "finetune",
+        ["tiny", "Too few words to count as a page of text."],
+        labels=["fresh", "rotten"],
+    )
     cfg = clean_config({"reviews": {"min_chars": 10, "gopher_quality": {}}}, workers=1)
     with pytest.raises(LmlineError) as err:
         run_clean(cfg)
-    assert str(err.value) == ("clean: source 'reviews' lost all 2 documents (min_chars 1, gopher_quality 1): "
-                              "loosen clean.filters (or clean.min_chars) or check the data")
+    assert str(err.value) == (
+        "clean: source 'reviews' lost all 2 documents (min_chars 1, gopher_quality 1): "
+        "loosen clean.filters (or clean.min_chars) or check the data"
+    )
     # the previous outputs stay as they were, and no temp dir is left
     assert {p: p.read_bytes() for p in (workspace / "data" / "clean").rglob("*") if p.is_file()} == before
     assert (workspace / "plots" / "clean_drops.csv").read_bytes() == drops_before
@@ -245,12 +284,18 @@ def test_missing_raw_dir_is_a_clear_error(workspace):
     assert not (workspace / "data" / "clean").exists()
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("{not json", r"news.jsonl:2: not valid JSON"),
-    ('{"id": "news:9", "source": "news", "role": "pretrain"}', r"news.jsonl:2: `text` must be a string"),
-    ('{"id": "news:0", "source": "news", "role": "pretrain", "text": "again"}', r"news.jsonl:2: duplicate id 'news:0'"),
-    ('{"id": "news:9", "source": "news", "role": "eval", "text": "t"}', r"news.jsonl:2: role must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("{not json", r"news.jsonl:2: not valid JSON"),
+        ('{"id": "news:9", "source": "news", "role": "pretrain"}', r"news.jsonl:2: `text` must be a string"),
+        (
+            '{"id": "news:0", "source": "news", "role": "pretrain", "text": "again"}',
+            r"news.jsonl:2: duplicate id 'news:0'",
+        ),
+        ('{"id": "news:9", "source": "news", "role": "eval", "text": "t"}', r"news.jsonl:2: role must be one of"),
+    ],
+)
 def test_a_bad_row_names_file_and_line_and_writes_nothing(workspace, bad_line, message):
     write_raw(workspace, "news", "pretrain", [ARTICLE])
     with open(workspace / "data" / "raw" / "news.jsonl", "a") as fh:

@@ -1,12 +1,14 @@
 """The fast stand-ins of tasks/clean_fast.py against what they replace: the regex words against spaCy's
 real output, the n-gram counts and the Gopher filters against datatrove's own code (as shipped: on
 spaCy's words), MinHash's words against datatrove's simplify_text."""
+
 from __future__ import annotations
 
 import random
 from difflib import SequenceMatcher
 
 import pytest
+from clean_texts import ARTICLE, MIXED, REPETITIVE, VERSE
 from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
@@ -23,8 +25,6 @@ from tasks.clean_fast import (
     top_ngram_chars,
     word_arrays,
 )
-
-from clean_texts import ARTICLE, MIXED, REPETITIVE, VERSE
 
 SPACY = load_word_tokenizer("en")  # datatrove's English words: spaCy's tokenizer rules, no model download
 
@@ -55,8 +55,10 @@ def varied_texts() -> list[str]:
     rng = random.Random(0)
     vocab = ["the", "cat", "sat", "on", "mat", "and", "dog", ".", ",", "ran", "...", "#", "-"]
     texts = [VERSE, ARTICLE, REPETITIVE, "", "!!! ??? ...", "- a\n- b\n- c", "word " * 60, "a ab abc " * 40]
-    texts += [" ".join(rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(1, 400)))
-              for _ in range(150)]
+    texts += [
+        " ".join(rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(1, 400)))
+        for _ in range(150)
+    ]
     return texts + [t.replace(" ", "\n", 7) for t in texts[8:40]]
 
 

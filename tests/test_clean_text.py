@@ -1,10 +1,11 @@
 """The clean stage's text steps (tasks/clean_text.py) on hand-made text: normalisation, chunking, PII scrub."""
+
 from __future__ import annotations
+
+from clean_texts import ARTICLE, VERSE
 
 from lmline.clean_config import PiiConfig
 from tasks import clean_text
-
-from clean_texts import ARTICLE, VERSE
 
 
 # ---------------------------------------------------------------- normalisation, chunking
@@ -35,8 +36,10 @@ def test_chunk_text_packs_paragraphs_then_lines_and_keeps_every_word():
 
 # ---------------------------------------------------------------- PII
 def test_scrub_pii_replaces_and_counts_each_kind():
-    text = ("Mail jane.doe@example.com or call (555) 123-4567 / +44 20 7946 0958. Servers 192.168.1.10 "
-            "and 8.8.8.8; see https://example.com/a?b=1, or www.example.org.")
+    text = (
+        "Mail jane.doe@example.com or call (555) 123-4567 / +44 20 7946 0958. Servers 192.168.1.10 "
+        "and 8.8.8.8; see https://example.com/a?b=1, or www.example.org."
+    )
     scrubbed, found = clean_text.scrub_pii(text, PiiConfig())
     assert found == {"url": 2, "email": 1, "ip": 2, "phone": 2}
     for secret in ("jane.doe", "123-4567", "7946", "192.168", "8.8.8.8", "example.com", "example.org"):

@@ -1,14 +1,15 @@
 """The CLI's own checks: options validated and models refused with one line and exit 1, before any work."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
+from test_finetune import save_tiny_lm
 from typer.testing import CliRunner
 
 from lmline.cli import app
-from test_finetune import save_tiny_lm
 
 
 @pytest.fixture
@@ -34,13 +35,25 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--temperature", "0"], "error: --temperature must be above 0 (got 0.0); a small one, e.g. 0.05, is near-greedy"),
-    (["--temperature", "-1"], "error: --temperature must be above 0 (got -1.0); a small one, e.g. 0.05, is near-greedy"),
-    (["--temperature", "nan"], "error: --temperature must be above 0 (got nan); a small one, e.g. 0.05, is near-greedy"),
-    (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1 (got 0)"),
-    (["--seed", "-3"], "error: --seed must be between 0 and 4294967295 (got -3)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--temperature", "0"],
+            "error: --temperature must be above 0 (got 0.0); a small one, e.g. 0.05, is near-greedy",
+        ),
+        (
+            ["--temperature", "-1"],
+            "error: --temperature must be above 0 (got -1.0); a small one, e.g. 0.05, is near-greedy",
+        ),
+        (
+            ["--temperature", "nan"],
+            "error: --temperature must be above 0 (got nan); a small one, e.g. 0.05, is near-greedy",
+        ),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1 (got 0)"),
+        (["--seed", "-3"], "error: --seed must be between 0 and 4294967295 (got -3)"),
+    ],
+)
 def test_generate_refuses_bad_options_in_one_line(tiny_models, args, message):
     result = CliRunner().invoke(app, ["generate", "The king", "--model", str(tiny_models / "pretrain"), *args])
     assert one_line_error(result) == message
@@ -56,8 +69,10 @@ def test_classify_refuses_a_causal_lm_whose_head_would_be_random_and_answers_wit
     assert one_line_error(result) == (
         f"error: {tiny_models / 'pretrain'}: not a fine-tuned classifier (architectures: ['LlamaForCausalLM'])"
     )
-    runs = [CliRunner().invoke(app, ["classify", "a wonderful film", "--model", str(tiny_models / "finetune")])
-            for _ in range(2)]
+    runs = [
+        CliRunner().invoke(app, ["classify", "a wonderful film", "--model", str(tiny_models / "finetune")])
+        for _ in range(2)
+    ]
     assert [r.exit_code for r in runs] == [0, 0], runs[0].output
     answers = [json.loads(r.stdout) for r in runs]
     assert answers[0] == answers[1] and set(answers[0]["probabilities"]) == {"rotten", "fresh"}
@@ -84,13 +99,18 @@ def test_the_lmline_script_is_main_and_every_user_error_is_one_line(workspace):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["lmline"] == "lmline.cli:main"
     # what the installed script does: import main and call it
-    proc = subprocess.run([sys.executable, "-c", "from lmline.cli import main; main()", "stage", "nosuch"],
-                          capture_output=True, text=True, cwd=workspace, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", "from lmline.cli import main; main()", "stage", "nosuch"],
+        capture_output=True,
+        text=True,
+        cwd=workspace,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.splitlines() == ["error: unknown stage 'nosuch' (stages: ingest, clean, tokenize, pretrain, "
-                                        "finetune, evaluate)"]
+    assert proc.stderr.splitlines() == [
+        "error: unknown stage 'nosuch' (stages: ingest, clean, tokenize, pretrain, finetune, evaluate)"
+    ]
     # MLflow's own errors (promote caught them itself before the handler) are one line too
     result = CliRunner().invoke(app, ["promote", "no-such-model", "3"])
     line = one_line_error(result)
     assert line.startswith("error: ") and "no-such-model" in line and "Traceback" not in result.output
-

@@ -1,12 +1,12 @@
 """params.yaml loading: every bad key or value fails before any work, naming the key."""
+
 from __future__ import annotations
 
 import pytest
+from conftest import REPO, write_params
 
 from lmline import config
 from lmline.config import ConfigError
-
-from conftest import REPO, write_params
 
 MINIMAL = {"ingest": {"sources": [{"name": "docs", "type": "text_files", "path": "corpus/docs/*.txt"}]}}
 
@@ -60,8 +60,11 @@ def test_devices_fit_the_gpu_pool_in_distributed_mode(make_params):
         config.load(path, ["pretrain.devices=0"])
     two_gpus = ["orchestration.mode=distributed", "orchestration.work_pools.gpu_devices='0,1'"]
     assert config.load(path, [*two_gpus, "pretrain.devices=2", "finetune.devices=2"]).pretrain.devices == 2
-    with pytest.raises(ConfigError, match=r"finetune.devices \(3\) exceeds the GPUs the gpu pool gives a stage: "
-                                          r"orchestration.work_pools.gpu_devices lists 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"finetune.devices \(3\) exceeds the GPUs the gpu pool gives a stage: "
+        r"orchestration.work_pools.gpu_devices lists 2",
+    ):
         config.load(path, [*two_gpus, "finetune.devices=3"])
     # a stage routed to cpu, or local mode, is not bound by the gpu pool's devices
     on_cpu = config.load(path, [*two_gpus, "finetune.devices=3", "orchestration.pools.finetune=cpu"])

@@ -1,6 +1,7 @@
 """The docs tell the truth: docs/configuration.md is what lmline.configdoc renders from the code, every
 params key has a meaning, and every `lmline` command, option and params key the README and docs/
 mention exists."""
+
 from __future__ import annotations
 
 import re
@@ -9,21 +10,21 @@ import typing
 
 import pytest
 import typer.main
+from conftest import REPO
 from pydantic import BaseModel
 
 from lmline import config, configdoc
 from lmline.cli import app
 from lmline.section import Section
 
-from conftest import REPO
-
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CLI = typer.main.get_command(app)
 
 
 def test_the_committed_reference_is_what_the_code_renders():
-    assert configdoc.DOC.read_text(encoding="utf-8") == configdoc.render(), \
+    assert configdoc.DOC.read_text(encoding="utf-8") == configdoc.render(), (
         "docs/configuration.md is stale: run `python -m lmline.configdoc`"
+    )
 
 
 @pytest.mark.parametrize("name,cls", configdoc.section_classes())

@@ -1,6 +1,7 @@
 """Training on several devices: `pretrain.devices: 2` makes `lmline stage pretrain` relaunch itself as 2
 processes (CPU, gloo here) meeting through a file; the Trainer runs DDP and rank 0 alone writes and logs.
 Nothing of the run listens beyond loopback (issue 13)."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,16 @@ import time
 import mlflow
 import psutil
 import pytest
-
-from lmline import config
-
 from conftest import BIN, write_params
 from test_faults import stage_env
-from test_pretrain import TINY, complete_checkpoints, stage, tokenized  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
+from test_pretrain import (  # noqa: F401  (fixtures: the tiny tokenized corpus in a workspace)
+    TINY,
+    complete_checkpoints,
+    stage,
+    tokenized,
+)
+
+from lmline import config
 
 STEPS = 12
 SHAPE = {"max_steps": STEPS, "eval_every": 6, "checkpoint_every": 6, "log_every": 3, "warmup_steps": 2}
@@ -36,12 +41,15 @@ LOOPBACK = {"127.0.0.1", "::1"}
 def write_stage_params(workspace, **pretrain) -> None:
     """The params.yaml `lmline stage pretrain` reads in the workspace; the tests' `stage` fixture has
     linked the tokenized data in at the paths it names."""
-    write_params(workspace / "params.yaml", {
-        "project": {"seed": 7},
-        "paths": {**config.PathsConfig().model_dump(), "tokenizer": "shared/tokenizer", "tokens": "shared/tokens"},
-        "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
-        "pretrain": {**TINY, **pretrain},
-    })
+    write_params(
+        workspace / "params.yaml",
+        {
+            "project": {"seed": 7},
+            "paths": {**config.PathsConfig().model_dump(), "tokenizer": "shared/tokenizer", "tokens": "shared/tokens"},
+            "ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]},
+            "pretrain": {**TINY, **pretrain},
+        },
+    )
 
 
 def run_launcher(workspace, *overrides: str, listeners: set | None = None) -> tuple[dict, str]:
@@ -50,8 +58,9 @@ def run_launcher(workspace, *overrides: str, listeners: set | None = None) -> tu
     cmd = [str(BIN / "lmline"), "stage", "pretrain"]
     for item in overrides:
         cmd += ["--set", item]
-    launcher = subprocess.Popen(cmd, cwd=workspace, env=stage_env(workspace), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    launcher = subprocess.Popen(
+        cmd, cwd=workspace, env=stage_env(workspace), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     if listeners is not None:
         poller = threading.Thread(target=poll_listeners, args=(launcher, listeners), daemon=True)
         poller.start()
@@ -71,8 +80,11 @@ def poll_listeners(launcher: subprocess.Popen, found: set) -> None:
             return
         for process in family:
             try:
-                found.update((c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
-                             if c.status == psutil.CONN_LISTEN)
+                found.update(
+                    (c.laddr.ip, c.laddr.port)
+                    for c in process.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                )
             except psutil.Error:  # gone meanwhile
                 continue
         time.sleep(0.05)
@@ -102,8 +114,10 @@ def test_two_processes_train_one_model_with_the_same_global_batch(stage, workspa
     rows = (workspace / "plots/pretrain_loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3", "6", "9", "12"]  # written once, whole
     assert not (workspace / "checkpoints/pretrain").exists()  # deleted once the run was logged
-    print(f"\nval_loss 1 process {single['val_loss']}, 2 processes {ddp['val_loss']}; tokens/s "
-          f"{single['tokens_per_second']} vs {ddp['tokens_per_second']}; listening: {sorted(listeners)}")
+    print(
+        f"\nval_loss 1 process {single['val_loss']}, 2 processes {ddp['val_loss']}; tokens/s "
+        f"{single['tokens_per_second']} vs {ddp['tokens_per_second']}; listening: {sorted(listeners)}"
+    )
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=LOSS_TOLERANCE)
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -120,8 +134,13 @@ def test_a_killed_launcher_takes_its_workers_along_and_the_rerun_resumes(stage, 
     write_stage_params(workspace, **{**SHAPE, "max_steps": 60})
     ddp = ["--set", "pretrain.batch_size=4", "--set", "pretrain.devices=2"]
     ckpt_dir = workspace / "checkpoints/pretrain"
-    launcher = subprocess.Popen([str(BIN / "lmline"), "stage", "pretrain", *ddp], cwd=workspace,
-                                env=stage_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launcher = subprocess.Popen(
+        [str(BIN / "lmline"), "stage", "pretrain", *ddp],
+        cwd=workspace,
+        env=stage_env(workspace),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         while not complete_checkpoints(ckpt_dir) and launcher.poll() is None:
             time.sleep(0.02)

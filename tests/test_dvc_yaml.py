@@ -1,15 +1,15 @@
 """dvc.yaml tells the truth: each stage declares the paths its run() reads and writes (from
 lmline.config.stage_io), every project module the stage imports, and the metrics file the shell writes."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from lmline import config, stages
-
-from conftest import REPO
 
 
 def project_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:

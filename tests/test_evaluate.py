@@ -1,5 +1,6 @@
 """evaluate stage and `lmline evaluate-text`: LM scores against hand-computed values, baselines on a
 separable toy set, the whole run() on tiny real models."""
+
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SEED, stage_io
+from test_finetune import SOURCE, run_finetune, save_tiny_lm, toy_lm, toy_rows, write_clean, write_toy_clean
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -17,16 +20,15 @@ from lmline import config
 from lmline.cli import app
 from lmline.errors import LmlineError
 from tasks import evaluate
-from test_finetune import SOURCE, run_finetune, save_tiny_lm, toy_lm, toy_rows, write_clean, write_toy_clean
-
-from conftest import SEED, stage_io
 
 EVAL = {"prompts": ["a great", "the cast"], "max_new_tokens": 5, "batch_size": 4}
 
 
 def write_test_tokens(root: Path, tokenizer, texts: list[str]) -> tuple[int, int]:
     """data/tokens/test.bin + meta.json as the tokenize stage packs them (eos before each document)."""
-    ids = [i for text in texts for i in [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]]
+    ids = [
+        i for text in texts for i in [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    ]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     tokens = root / "data/tokens"
     tokens.mkdir(parents=True, exist_ok=True)
@@ -109,8 +111,11 @@ def test_majority_ties_go_to_the_first_label_in_sort_order():
 # ---------------------------------------------------------------- the stage
 def finetune_first(**finetune):
     """Fine-tune the toy LM as the evaluate tests need it (the finetune stage's outputs are evaluate's inputs)."""
-    run_finetune(config.FinetuneConfig(
-        batch_size=8, lr=5e-3, warmup_steps=0, max_steps=4, eval_every=2, max_length=64, **finetune))
+    run_finetune(
+        config.FinetuneConfig(
+            batch_size=8, lr=5e-3, warmup_steps=0, max_steps=4, eval_every=2, max_length=64, **finetune
+        )
+    )
 
 
 def run_evaluate():
@@ -192,7 +197,9 @@ def test_evaluate_text_on_any_file(workspace):
     scores = json.loads(result.stdout)
     n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert (scores["tokens"], scores["bytes"], scores["context"]) == (n_tokens, len(text.encode()), 64)
-    assert scores["bits_per_byte"] == pytest.approx(n_tokens * math.log2(model.config.vocab_size) / len(text.encode()), rel=1e-5)
+    assert scores["bits_per_byte"] == pytest.approx(
+        n_tokens * math.log2(model.config.vocab_size) / len(text.encode()), rel=1e-5
+    )
     assert scores["model"] == "models/pretrain" and scores["file"] == "sonnet.txt"
 
 

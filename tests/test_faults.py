@@ -6,6 +6,7 @@ resumes from the last complete checkpoint and ends at exactly the metrics of an 
 LMLINE_FAULT_RUNS=10 runs 10 kills per stage (1 by default, plus one finetune kill aimed at early
 stopping's state), LMLINE_FAULT_SEED picks other points.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import BIN, free_port, make_dvc_repo, tiny_params, wait_for, write_params, write_tiny_corpus
 
 from lmline import config
 from tasks import resume
-
-from conftest import BIN, free_port, make_dvc_repo, tiny_params, wait_for, write_params, write_tiny_corpus
 
 FAULT_RUNS = int(os.environ.get("LMLINE_FAULT_RUNS", "1"))  # per stage
 FAULT_SEED = int(os.environ.get("LMLINE_FAULT_SEED", "0"))
@@ -34,11 +34,30 @@ FAULT_SEED = int(os.environ.get("LMLINE_FAULT_SEED", "0"))
 # few steps so a random kill lands before, between, inside and after them. Logging every
 # checkpoint_every steps keeps the logged train loss of a resumed run on the same step windows.
 FAULT_PARAMS = tiny_params(
-    pretrain={"n_layer": 1, "n_head": 2, "d_model": 32, "context": 32, "batch_size": 8, "max_steps": 24,
-              "eval_every": 8, "eval_batches": 2, "checkpoint_every": 4, "warmup_steps": 2, "log_every": 4,
-              "max_minutes": 60},
-    finetune={"max_steps": 40, "eval_every": 4, "batch_size": 16, "max_length": 32, "warmup_steps": 2,
-              "lr": 3e-3, "early_stopping_patience": 2, "max_minutes": 60},
+    pretrain={
+        "n_layer": 1,
+        "n_head": 2,
+        "d_model": 32,
+        "context": 32,
+        "batch_size": 8,
+        "max_steps": 24,
+        "eval_every": 8,
+        "eval_batches": 2,
+        "checkpoint_every": 4,
+        "warmup_steps": 2,
+        "log_every": 4,
+        "max_minutes": 60,
+    },
+    finetune={
+        "max_steps": 40,
+        "eval_every": 4,
+        "batch_size": 16,
+        "max_length": 32,
+        "warmup_steps": 2,
+        "lr": 3e-3,
+        "early_stopping_patience": 2,
+        "max_minutes": 60,
+    },
 )
 # Not a result of training: timing, and which attempt or MLflow run produced the numbers.
 NOT_RESULTS = {"tokens_per_second", "train_seconds", "mfu", "stage_seconds", "mlflow_run_id", "resumed_from_step"}
@@ -46,8 +65,14 @@ NOT_RESULTS = {"tokens_per_second", "train_seconds", "mfu", "stage_seconds", "ml
 
 def stage_env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMLINE_", "MLFLOW_TRACKING", "PREFECT_API"))}
-    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-                "LMLINE_VERBOSITY": "quiet", "PREFECT_HOME": str(root / "prefect-home")})
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "LMLINE_VERBOSITY": "quiet",
+            "PREFECT_HOME": str(root / "prefect-home"),
+        }
+    )
     return env
 
 
@@ -82,8 +107,13 @@ def prepared(tmp_path_factory, mlflow_template) -> dict:
     try:
         params = config.load("params.yaml")
         reference = {}
-        for name, module in (("ingest", ingest), ("clean", clean), ("tokenize", tokenize), ("pretrain", pretrain),
-                             ("finetune", finetune)):
+        for name, module in (
+            ("ingest", ingest),
+            ("clean", clean),
+            ("tokenize", tokenize),
+            ("pretrain", pretrain),
+            ("finetune", finetune),
+        ):
             inputs, outputs = config.stage_io(params, name)
             reference[name] = module.run(**config.stage_args(params, name), inputs=inputs, outputs=outputs)
         shutil.rmtree(root / "checkpoints")
@@ -104,8 +134,9 @@ def kill_and_resume(prepared: dict, workspace: Path, stage: str, wait_for_checkp
     env, ckpt_dir = stage_env(workspace), workspace / "checkpoints" / stage
     log = workspace / "killed.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([str(BIN / "lmline"), "stage", stage], cwd=workspace, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [str(BIN / "lmline"), "stage", stage], cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
         try:
             while proc.poll() is None and not wait_for_checkpoint(ckpt_dir):
                 time.sleep(0.01)  # polling interval
@@ -131,7 +162,9 @@ def kill_and_resume(prepared: dict, workspace: Path, stage: str, wait_for_checkp
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("run", range(FAULT_RUNS))
-def test_kill_9_at_a_random_point_resumes_and_matches_the_uninterrupted_run(prepared, tmp_path, monkeypatch, stage, run):
+def test_kill_9_at_a_random_point_resumes_and_matches_the_uninterrupted_run(
+    prepared, tmp_path, monkeypatch, stage, run
+):
     rng = random.Random(f"{FAULT_SEED}-{stage}-{run}")
     every = FAULT_PARAMS[stage]["checkpoint_every" if stage == "pretrain" else "eval_every"]
     # a checkpoint to wait for (0: none, the kill may even land before training starts), any but the last
@@ -186,7 +219,8 @@ def test_checkpoints_survive_a_failure_to_log_the_run(prepared, tmp_path, monkey
     blocked = workspace / "blocked"
     blocked.write_text("a file where a folder should be")
     mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}").create_experiment(
-        params.project.experiment, artifact_location=(blocked / "artifacts").as_uri())
+        params.project.experiment, artifact_location=(blocked / "artifacts").as_uri()
+    )
     with pytest.raises(OSError):
         stage_process.run_dvc_stage("pretrain", params)
     assert complete_steps(workspace / "checkpoints/pretrain")[-1] == params.pretrain.max_steps
@@ -207,14 +241,24 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
     shutil.copytree(prepared["root"] / "data", workspace / "data")
     env = stage_env(tmp_path)
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([str(BIN / "lmline"), "run", "--stage", "pretrain", "--no-promote"], cwd=workspace, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "lmline"), "run", "--stage", "pretrain", "--no-promote"],
+        cwd=workspace,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     proc.log_path = log
     tree: list[psutil.Process] = []
     try:
         # pretrain has started once it wrote its fingerprint, and runs (for hours) from then on
-        wait_for(lambda: (workspace / "checkpoints/pretrain" / resume.FINGERPRINT_FILE).exists(),
-                 "the pretrain stage to start", 600, [proc])
+        wait_for(
+            lambda: (workspace / "checkpoints/pretrain" / resume.FINGERPRINT_FILE).exists(),
+            "the pretrain stage to start",
+            600,
+            [proc],
+        )
         tree = psutil.Process(proc.pid).children(recursive=True)
         commands = [" ".join(p.cmdline()) for p in tree]
         assert any("dvc repro --single-item pretrain" in c for c in commands), commands
@@ -237,11 +281,23 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
     assert runs["retrain"].info.status == runs["pretrain"].info.status == "RUNNING"  # left by the dead processes
 
     # The next run takes DVC's lock and the workspace lock without any clean-up, and closes the dead runs.
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "pretrain"], cwd=workspace, env=env,
-                            capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "pretrain"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert status.returncode == 0, status.stderr
-    again = subprocess.run([str(BIN / "lmline"), "run", "--stage", "ingest", "--no-promote"], cwd=workspace, env=env,
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [str(BIN / "lmline"), "run", "--stage", "ingest", "--no-promote"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     closed = {r.info.run_id: r for r in mlflow_runs(workspace)}
     assert closed[runs["retrain"].info.run_id].info.status == "KILLED"
@@ -252,17 +308,26 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
 PROBE_BOUND_S = 2 * 5.0  # lmline.tracking.store.PROBE_TIMEOUT_S per server, both probed
 
 
-@pytest.mark.parametrize("variable, value", [
-    ("MLFLOW_TRACKING_URI", "http://127.0.0.1:{port}"),
-    ("PREFECT_API_URL", "http://127.0.0.1:{port}/api"),
-])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("MLFLOW_TRACKING_URI", "http://127.0.0.1:{port}"),
+        ("PREFECT_API_URL", "http://127.0.0.1:{port}/api"),
+    ],
+)
 def test_an_unreachable_server_is_one_error_line_naming_it(workspace, variable, value):
     write_params(workspace / "params.yaml", tiny_params())
     uri = value.format(port=free_port())  # nothing listens there
     env = {**stage_env(workspace), variable: uri}
     # the process start-up (imports) plus the bound, with room for a loaded machine: a hang would be minutes
-    result = subprocess.run([str(BIN / "lmline"), "run"], cwd=workspace, env=env, capture_output=True, text=True,
-                            timeout=120 + PROBE_BOUND_S)
+    result = subprocess.run(
+        [str(BIN / "lmline"), "run"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120 + PROBE_BOUND_S,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and uri in lines[0], result.stderr
@@ -296,9 +361,11 @@ def test_concurrent_overrides_never_leave_params_yaml_invalid(workspace):
                 problems.append(str(exc))
 
     # Valid alone, invalid together: eval_every must stay <= max_steps.
-    threads = [threading.Thread(target=writer, args=("a", [{"finetune.max_steps": 5}, {"finetune.max_steps": 40}])),
-               threading.Thread(target=writer, args=("b", [{"finetune.eval_every": 20}, {"finetune.eval_every": 2}])),
-               threading.Thread(target=reader)]
+    threads = [
+        threading.Thread(target=writer, args=("a", [{"finetune.max_steps": 5}, {"finetune.max_steps": 40}])),
+        threading.Thread(target=writer, args=("b", [{"finetune.eval_every": 20}, {"finetune.eval_every": 2}])),
+        threading.Thread(target=reader),
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 120
@@ -320,7 +387,9 @@ def test_overrides_that_clash_with_the_file_are_refused_and_nothing_is_written(w
     # Each was validated against the file as it was when its run started; another run wrote first.
     write_overrides(params_path, {"finetune.max_steps": 8})  # valid with eval_every 6
     before = params_path.read_text()
-    with pytest.raises(config.ConfigError, match=r"^params.yaml: finetune: eval_every \(10\) must be <= max_steps \(8\)"):
+    with pytest.raises(
+        config.ConfigError, match=r"^params.yaml: finetune: eval_every \(10\) must be <= max_steps \(8\)"
+    ):
         write_overrides(params_path, {"finetune.eval_every": 10})  # valid with the max_steps 12 it saw
     assert params_path.read_text() == before
     assert before.startswith("# the knobs\n")  # comments are kept

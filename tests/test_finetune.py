@@ -2,6 +2,7 @@
 
 The helpers here (tiny LM, toy clean data) are shared with tests/test_evaluate.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SEED, stage_io
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -29,8 +31,6 @@ from lmline import config
 from lmline.errors import LmlineError
 from tasks import finetune, training
 from tasks.models import classification_ids, document_ids, read_info
-
-from conftest import SEED, stage_io
 
 POSITIVE = ["great", "wonderful", "superb", "delightful", "brilliant"]
 NEGATIVE = ["awful", "boring", "dreadful", "terrible", "tedious"]
@@ -47,7 +47,12 @@ def review(i: int, label: str) -> str:
 def toy_rows(n: int, offset: int = 0, source: str = "rotten_tomatoes") -> list[dict]:
     labels = ["fresh", "rotten"]
     return [
-        {"id": f"{source}-{offset + i}", "source": source, "text": review(offset + i, labels[i % 2]), "label": labels[i % 2]}
+        {
+            "id": f"{source}-{offset + i}",
+            "source": source,
+            "text": review(offset + i, labels[i % 2]),
+            "label": labels[i % 2],
+        }
         for i in range(n)
     ]
 
@@ -77,7 +82,9 @@ def save_tiny_lm(path: Path, texts: list[str], context: int = 64, uniform: bool 
         vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>"
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(
@@ -147,7 +154,10 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
     tokenizer = AutoTokenizer.from_pretrained(outputs["model"])
     assert model.config.id2label == {0: "fresh", 1: "rotten"}
     assert read_info(outputs["model"]) == {
-        "task": "classification", "source": "rotten_tomatoes", "labels": ["fresh", "rotten"], "max_length": 32
+        "task": "classification",
+        "source": "rotten_tomatoes",
+        "labels": ["fresh", "rotten"],
+        "max_length": 32,
     }
     texts = ["a superb cast, truly great.", "a dreadful script, truly boring."]  # word pairs never seen together
     ids = classification_ids(tokenizer, texts, 32)
@@ -193,15 +203,19 @@ def test_prompt_masking_labels(workspace):
 def test_causal_lm_run_with_prompt_masking(workspace):
     toy_lm(workspace)
     sep = "\n### Response:\n"
-    rows = [{"id": f"qa-{i}", "source": "rotten_tomatoes", "text": f"Q: is the {t} good?{sep}yes, {w}.", "label": None}
-            for i, (t, w) in enumerate(zip(THINGS * 4, POSITIVE * 5))]
+    rows = [
+        {"id": f"qa-{i}", "source": "rotten_tomatoes", "text": f"Q: is the {t} good?{sep}yes, {w}.", "label": None}
+        for i, (t, w) in enumerate(zip(THINGS * 4, POSITIVE * 5))
+    ]
     write_clean(workspace, {"train": rows[:16], "val": rows[16:20], "test": rows[20:]})
     metrics, outputs = run_finetune(
         finetune_cfg(task="causal-lm", mask_prompt=True, max_steps=10, eval_every=5, max_length=64)
     )
 
     assert metrics["task"] == "causal-lm" and metrics["mask_prompt"] is True
-    assert math.isfinite(metrics["val_loss"]) and metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_perplexity"] == pytest.approx(
+        math.exp(metrics["val_loss"])
+    )
     model = AutoModelForCausalLM.from_pretrained(outputs["model"])
     assert model.config.architectures == ["LlamaForCausalLM"]
     assert read_info(outputs["model"])["task"] == "causal-lm"
@@ -267,15 +281,24 @@ def test_missing_model_fails(workspace):
 
 def test_prompts_longer_than_max_length_fail_before_training(workspace):
     toy_lm(workspace)
-    rows = [{"id": f"qa-{i}", "source": "rotten_tomatoes", "text": "Q: " + "very " * 40 + "long?\n### Response:\nyes", "label": None}
-            for i in range(4)]
+    rows = [
+        {
+            "id": f"qa-{i}",
+            "source": "rotten_tomatoes",
+            "text": "Q: " + "very " * 40 + "long?\n### Response:\nyes",
+            "label": None,
+        }
+        for i in range(4)
+    ]
     write_clean(workspace, {"train": rows, "val": rows})
     with pytest.raises(LmlineError, match=r"train.parquet: no example has a response within finetune.max_length=32"):
         run_finetune(finetune_cfg(task="causal-lm", mask_prompt=True))
 
 
 def test_eval_every_beyond_max_steps_is_a_config_error(make_params):
-    with pytest.raises(config.ConfigError, match=r"^params.yaml: finetune: eval_every \(50\) must be <= max_steps \(10\)"):
+    with pytest.raises(
+        config.ConfigError, match=r"^params.yaml: finetune: eval_every \(50\) must be <= max_steps \(10\)"
+    ):
         make_params({"ingest": {"sources": [SOURCE]}, "finetune": {**FAST, "max_steps": 10, "eval_every": 50}})
 
 

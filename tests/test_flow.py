@@ -1,5 +1,6 @@
 """The retrain flow end to end under a real (temporary) Prefect server, a real MLflow SQLite store and
 real DVC in a temp git repo, on tiny configs."""
+
 from __future__ import annotations
 
 import json
@@ -7,22 +8,22 @@ import time
 
 import mlflow
 import pytest
+from conftest import make_dvc_repo, tiny_params
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_UI_URL
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from flows.retrain import retrain, write_overrides
 from flows import scoring
+from flows.retrain import retrain, write_overrides
 from flows.scoring import rescore_version
 from lmline import config
 from lmline.cli import app
 from lmline.cli.summary import print_summary
-from lmline.tracking import registry, runs as tracking_runs, store
 from lmline.io import read_json
-
-from conftest import make_dvc_repo, tiny_params
+from lmline.tracking import registry, store
+from lmline.tracking import runs as tracking_runs
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +48,9 @@ def pipeline(tmp_path_factory, prefect, mlflow_template):
 
     root = tmp_path_factory.mktemp("flow")
     shutil.copy(mlflow_template, root / "mlflow.db")
-    params = tiny_params(finetune={"max_steps": 60, "eval_every": 20, "batch_size": 16, "max_length": 32,
-                                   "warmup_steps": 2, "lr": 3e-3})
+    params = tiny_params(
+        finetune={"max_steps": 60, "eval_every": 20, "batch_size": 16, "max_length": 32, "warmup_steps": 2, "lr": 3e-3}
+    )
     make_dvc_repo(root, params)
     old_cwd = os.getcwd()
     os.chdir(root)
@@ -60,8 +62,9 @@ def pipeline(tmp_path_factory, prefect, mlflow_template):
 
 
 def runs_under(parent_id: str):
-    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              output_format="list")
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
 
 
 def champion() -> int:
@@ -74,10 +77,16 @@ def registry_state() -> dict:
     c = store.client()
     return {
         rm.name: {
-            "tags": dict(rm.tags), "aliases": dict(rm.aliases), "description": rm.description,
+            "tags": dict(rm.tags),
+            "aliases": dict(rm.aliases),
+            "description": rm.description,
             "versions": {
-                mv.version: {"tags": dict(mv.tags), "aliases": sorted(mv.aliases), "description": mv.description,
-                             "run_id": mv.run_id}
+                mv.version: {
+                    "tags": dict(mv.tags),
+                    "aliases": sorted(mv.aliases),
+                    "description": mv.description,
+                    "run_id": mv.run_id,
+                }
                 for mv in c.search_model_versions(f"name='{rm.name}'")
             },
         }
@@ -95,13 +104,17 @@ def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
         (s, "ran") for s in ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate")
     ]
     nested = runs_under(summary["mlflow_parent_run_id"])
-    assert sorted(r.info.run_name for r in nested) == sorted(["ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"])
+    assert sorted(r.info.run_name for r in nested) == sorted(
+        ["ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate"]
+    )
     assert all(r.info.status == "FINISHED" for r in nested)
     assert all("stage_seconds" in r.data.metrics for r in nested)
     parent = mlflow.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
     # the harness serves a real API, so the tag is the run's page there (ephemeral: tests/test_flow_run_links.py)
-    assert parent.data.tags["prefect.flow_run_url"] == f"{PREFECT_UI_URL.value()}/runs/flow-run/{summary['flow_run_id']}"
+    assert (
+        parent.data.tags["prefect.flow_run_url"] == f"{PREFECT_UI_URL.value()}/runs/flow-run/{summary['flow_run_id']}"
+    )
     assert parent.data.tags["prefect.flow_run_url"].startswith("http://127.0.0.1:")
 
     assert summary["promotion"]["promoted"] and summary["promotion"]["reason"].startswith("first model")
@@ -121,7 +134,9 @@ def test_the_champion_rescore_agrees_with_the_evaluate_stage(pipeline):
     params = config.load(pipeline / "params.yaml")
     evaluated = read_json(pipeline / "metrics" / "evaluate.json")
     rescored = rescore_version(params, pipeline, MODEL, champion())
-    print(f"\nre-score vs evaluate, base bits/byte: {rescored.bits_per_byte - evaluated['lm']['test_bits_per_byte']:+.2e}")
+    print(
+        f"\nre-score vs evaluate, base bits/byte: {rescored.bits_per_byte - evaluated['lm']['test_bits_per_byte']:+.2e}"
+    )
     assert rescored.metric == evaluated["task"]["macro_f1"]
     assert abs(rescored.bits_per_byte - evaluated["lm"]["test_bits_per_byte"]) < BPB_TOLERANCE
     assert rescored.test_split == scoring.test_split_id(params, pipeline)
@@ -137,7 +152,10 @@ def test_test_labels_the_champion_never_saw_count_as_its_errors(pipeline, tmp_pa
     rows = test.to_pylist()
     unseen = [{**row, "id": f"{row['id']}-n", "label": "neutral"} for row in rows[:3]]
     (tmp_path / "data" / "clean" / "finetune").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows + unseen, schema=test.schema), tmp_path / "data" / "clean" / "finetune" / "test.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows + unseen, schema=test.schema),
+        tmp_path / "data" / "clean" / "finetune" / "test.parquet",
+    )
 
     rescored = rescore_version(params, tmp_path, MODEL, champion())  # the champion knows fresh and rotten only
     accuracy = read_json(pipeline / "metrics" / "evaluate.json")["task"]["accuracy"]
@@ -166,7 +184,9 @@ def test_a_worse_candidate_ends_as_challenger(pipeline):
     before = champion()
     champion_f1 = float(registry.version_tags(MODEL, before)["lmline.eval.metric"])
     # one step at a tiny learning rate: the classifier stays near chance
-    summary = retrain(workspace=str(pipeline), overrides=["finetune.max_steps=1", "finetune.eval_every=1", "finetune.lr=1e-6"])
+    summary = retrain(
+        workspace=str(pipeline), overrides=["finetune.max_steps=1", "finetune.eval_every=1", "finetune.lr=1e-6"]
+    )
     statuses = {s["stage"]: s["status"] for s in summary["stages"]}
     assert statuses["pretrain"] == "cached" and statuses["finetune"] == "ran"
     promotion = summary["promotion"]
@@ -206,7 +226,9 @@ def test_rollback_then_a_no_op_run_keeps_the_champion_where_the_person_put_it(pi
     weak = int(registry.alias_version(MODEL, "challenger").version)
     assert runner.invoke(app, ["promote", MODEL, str(weak), "--why", "test"]).exit_code == 0
     # back to the first run's params: DVC restores (or retrains) the stronger model, which the gate promotes
-    restored = retrain(workspace=str(pipeline), overrides=["finetune.max_steps=60", "finetune.eval_every=20", "finetune.lr=0.003"])
+    restored = retrain(
+        workspace=str(pipeline), overrides=["finetune.max_steps=60", "finetune.eval_every=20", "finetune.lr=0.003"]
+    )
     strong = restored["promotion"]["candidate"]
     assert restored["promotion"]["promoted"] and champion() == strong != weak, restored["promotion"]
 
@@ -250,8 +272,9 @@ def test_a_manual_promote_waits_for_the_promotion_slot(pipeline):
 def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, capsys):
     """finetune.task: causal-lm end to end: gate metric bits_per_byte (promote.metric auto), summary, card."""
     causal = "tiny-causal-lm"
-    summary = retrain(workspace=str(pipeline), overrides=["finetune.task=causal-lm", "finetune.max_steps=12",
-                                                          "finetune.eval_every=6"])
+    summary = retrain(
+        workspace=str(pipeline), overrides=["finetune.task=causal-lm", "finetune.max_steps=12", "finetune.eval_every=6"]
+    )
     statuses = {s["stage"]: s["status"] for s in summary["stages"]}
     assert statuses["finetune"] == statuses["evaluate"] == "ran"
     promotion = summary["promotion"]
@@ -276,14 +299,24 @@ def test_a_run_failing_after_finetune_registers_nothing_and_the_next_run_registe
     before = registry_state()
     # pretrain and finetune re-run and log their models; evaluate then fails at run time: a temperature
     # this small passes validation but turns the sampling probabilities into NaN
-    failed = retrain(workspace=str(pipeline), stages=["pretrain", "finetune", "evaluate"], return_state=True,
-                     overrides=["pretrain.max_steps=10", "finetune.max_steps=4", "finetune.eval_every=2",
-                                "evaluate.temperature=1e-300"])
+    failed = retrain(
+        workspace=str(pipeline),
+        stages=["pretrain", "finetune", "evaluate"],
+        return_state=True,
+        overrides=[
+            "pretrain.max_steps=10",
+            "finetune.max_steps=4",
+            "finetune.eval_every=2",
+            "evaluate.temperature=1e-300",
+        ],
+    )
     assert failed.is_failed()
     assert registry_state() == before
     runs = {stage: producing_run(pipeline, stage) for stage in ("pretrain", "finetune")}
     for run_id in runs.values():
-        assert mlflow.get_run(run_id).data.tags[tracking_runs.LOGGED_MODEL_TAG], "setup: the stage ran and logged its model"
+        assert mlflow.get_run(run_id).data.tags[tracking_runs.LOGGED_MODEL_TAG], (
+            "setup: the stage ran and logged its model"
+        )
         assert run_id not in {v["run_id"] for m in before.values() for v in m["versions"].values()}
 
     # the next successful run reuses both from DVC's cache and registers what the failed run logged, once
@@ -313,10 +346,14 @@ def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):
     state = retrain(workspace=str(pipeline), return_state=True)
     assert state.is_failed()
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     messages = [log.message for log in logs]
     # the stage's own one-line message (file and line) reaches the Prefect logs
     assert any("reviews.jsonl" in m and "line 121" in m for m in messages), messages[-5:]
     assert registry_state() == before
-    stuck = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list")
+    stuck = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list"
+    )
     assert stuck == []

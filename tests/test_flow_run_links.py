@@ -3,6 +3,7 @@ server) has no UI address, and Prefect's own `flow_run.ui_url` is then "None/flo
 the model card and the end-of-run summary must give a real link or the way to get one, never that.
 Real MLflow store (SQLite in the workspace) and real Prefect settings; the flow itself writes the tag
 with the same function (tests/test_flow.py checks the served case end to end)."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from typer.testing import CliRunner
 from lmline import modelcard
 from lmline.cli import app
 from lmline.cli.summary import ui_links
-from lmline.tracking import lineage, store as tracking_store
+from lmline.tracking import lineage
+from lmline.tracking import store as tracking_store
 
 FLOW_RUN = "0b7d3c1e-5f0a-4f55-9a61-2d3f0c8e9a10"
 
@@ -42,8 +44,14 @@ def register_pipeline_version(model: str, flow_run_url: str) -> str:
     Prefect tags flows/retrain.py writes: the shape `lmline lineage` reads."""
     client = mlflow.MlflowClient()
     experiment = mlflow.set_experiment("links").experiment_id
-    parent = client.create_run(experiment, tags={"prefect.flow_run_id": FLOW_RUN, "prefect.flow_run_name": "neat-goldfish",
-                                                 "prefect.flow_run_url": flow_run_url}).info.run_id
+    parent = client.create_run(
+        experiment,
+        tags={
+            "prefect.flow_run_id": FLOW_RUN,
+            "prefect.flow_run_name": "neat-goldfish",
+            "prefect.flow_run_url": flow_run_url,
+        },
+    ).info.run_id
     child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "lmline.stage": "finetune"}).info.run_id
     if not client.search_registered_models(f"name = '{model}'"):
         client.create_registered_model(model)
@@ -59,7 +67,9 @@ def store(workspace):
 def test_ephemeral_runs_point_at_prefect_server_start_never_at_none(store):
     assert ephemeral_ui_url() is None, "setup: without a server Prefect has no UI address"
     versions = {
-        "as retrain tags it now": register_pipeline_version("links", lineage.flow_run_link(FLOW_RUN, ephemeral_ui_url())),
+        "as retrain tags it now": register_pipeline_version(
+            "links", lineage.flow_run_link(FLOW_RUN, ephemeral_ui_url())
+        ),
         "as retrain tagged it before": register_pipeline_version("links", f"None/flow-runs/flow-run/{FLOW_RUN}"),
     }
     for how, version in versions.items():
@@ -67,15 +77,22 @@ def test_ephemeral_runs_point_at_prefect_server_start_never_at_none(store):
         assert shown.exit_code == 0, shown.output
         info = json.loads(shown.stdout)
         links = url_fields(info)
-        assert links == {"prefect.flow_run_url": f"prefect server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}"}, how
+        assert links == {
+            "prefect.flow_run_url": f"prefect server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}"
+        }, how
         card_row = next(row for row in modelcard.lineage_section(info) if row.startswith("| Prefect flow run"))
-        assert "None" not in card_row and f"prefect server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}" in card_row, how
+        assert (
+            "None" not in card_row
+            and f"prefect server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}" in card_row
+        ), how
 
     # the end-of-run summary says the same, through the same function
     summary = {"flow_run_id": FLOW_RUN, "mlflow_parent_run_id": "p"}
     with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}):
         prefect = dict(ui_links(summary, "links"))["Prefect"]
-    assert prefect.endswith(f"server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}") and "None" not in prefect
+    assert (
+        prefect.endswith(f"server start, then http://127.0.0.1:4200/runs/flow-run/{FLOW_RUN}") and "None" not in prefect
+    )
 
 
 def test_served_runs_link_to_their_page_on_the_server(store):

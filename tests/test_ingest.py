@@ -1,5 +1,6 @@
 """ingest on tiny hand-made sources: every source type, the record shape clean relies on, decode
 errors, and each bad input failing with a message that names the source and file, leaving no output."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from lmline.cli import app
 from lmline.errors import LmlineError
 from lmline.io import read_jsonl
 from tasks import ingest
-
 
 # Source files live in corpus/ (paths.corpus): never the workspace itself, where the outputs are.
 
@@ -41,18 +41,36 @@ def test_text_files_one_document_per_file_with_ids_relative_to_the_glob(make_par
     write("corpus/skip.md", "not matched")
     metrics, out = run_ingest(make_params, {"name": "books", "type": "text_files", "path": "corpus/**/*.txt"})
     assert out["books"] == [
-        {"id": "books:a.txt", "source": "books", "role": "pretrain", "text": "First file.\n", "meta": {"file": "a.txt"}},
-        {"id": "books:deep/b.txt", "source": "books", "role": "pretrain", "text": "Second file.\n",
-         "meta": {"file": "deep/b.txt"}},
+        {
+            "id": "books:a.txt",
+            "source": "books",
+            "role": "pretrain",
+            "text": "First file.\n",
+            "meta": {"file": "a.txt"},
+        },
+        {
+            "id": "books:deep/b.txt",
+            "source": "books",
+            "role": "pretrain",
+            "text": "Second file.\n",
+            "meta": {"file": "deep/b.txt"},
+        },
     ]
-    assert metrics["sources"]["books"] == {"documents": 2, "bytes": 25, "empty": 0, "decode_errors": 0,
-                                           "binary_files": 0}
+    assert metrics["sources"]["books"] == {
+        "documents": 2,
+        "bytes": 25,
+        "empty": 0,
+        "decode_errors": 0,
+        "binary_files": 0,
+    }
     assert "labels" not in metrics["sources"]["books"]
 
 
 def test_text_files_split_on_a_separator_drop_empty_pieces(make_params):
     write("corpus/poems.txt", "Roses are red.\n\n%%\n\nViolets are blue.\n%%\n%%\n  \n%%\nSugar is sweet.\n%%\n")
-    _, out = run_ingest(make_params, {"name": "poems", "type": "text_files", "path": "corpus/poems.txt", "separator": "%%"})
+    _, out = run_ingest(
+        make_params, {"name": "poems", "type": "text_files", "path": "corpus/poems.txt", "separator": "%%"}
+    )
     assert [(r["id"], r["text"]) for r in out["poems"]] == [
         ("poems:poems.txt:0", "Roses are red."),
         ("poems:poems.txt:1", "Violets are blue."),
@@ -65,8 +83,16 @@ def test_separator_applies_after_crlf_and_cr_line_ends_become_lf(make_params):
     # written on Windows (CRLF) and on old Macs (CR); params.yaml says "\n\n" as everyone writes it
     write("corpus/win.txt", b"First poem,\r\nline two.\r\n\r\nSecond poem.\r\n\r\nThird.\r\n")
     write("corpus/mac.txt", b"Fourth.\r\rFifth.\r")
-    _, out = run_ingest(make_params, {"name": "poems", "type": "text_files", "path": "corpus/*.txt", "separator": "\n\n"})
-    assert [r["text"] for r in out["poems"]] == ["Fourth.", "Fifth.", "First poem,\nline two.", "Second poem.", "Third."]
+    _, out = run_ingest(
+        make_params, {"name": "poems", "type": "text_files", "path": "corpus/*.txt", "separator": "\n\n"}
+    )
+    assert [r["text"] for r in out["poems"]] == [
+        "Fourth.",
+        "Fifth.",
+        "First poem,\nline two.",
+        "Second poem.",
+        "Third.",
+    ]
 
 
 def test_a_binary_file_among_texts_is_dropped_by_rule_binary_and_counted(make_params):
@@ -86,14 +112,32 @@ def test_jsonl_keeps_labels_as_strings_and_records_the_line(make_params):
     write("corpus/reviews.jsonl", '{"body": "Great fun.", "stars": 5}\n\n{"body": "Dull.", "stars": 1}\n')
     metrics, out = run_ingest(
         make_params,
-        {"name": "reviews", "type": "jsonl", "path": "corpus/reviews.jsonl", "text_field": "body", "label_field": "stars",
-         "role": "finetune"},
+        {
+            "name": "reviews",
+            "type": "jsonl",
+            "path": "corpus/reviews.jsonl",
+            "text_field": "body",
+            "label_field": "stars",
+            "role": "finetune",
+        },
     )
     assert out["reviews"] == [
-        {"id": "reviews:0", "source": "reviews", "role": "finetune", "text": "Great fun.", "label": "5",
-         "meta": {"line": 1}},
-        {"id": "reviews:1", "source": "reviews", "role": "finetune", "text": "Dull.", "label": "1",
-         "meta": {"line": 3}},
+        {
+            "id": "reviews:0",
+            "source": "reviews",
+            "role": "finetune",
+            "text": "Great fun.",
+            "label": "5",
+            "meta": {"line": 1},
+        },
+        {
+            "id": "reviews:1",
+            "source": "reviews",
+            "role": "finetune",
+            "text": "Dull.",
+            "label": "1",
+            "meta": {"line": 3},
+        },
     ]
     assert metrics["sources"]["reviews"]["labels"] == {"1": 1, "5": 1}
 
@@ -104,7 +148,9 @@ def test_csv_with_quoted_newlines_labels_and_a_bom(make_params):
         make_params, {"name": "tweets", "type": "csv", "path": "corpus/tweets.csv", "label_field": "label"}
     )
     assert [(r["text"], r["label"], r["meta"]["line"]) for r in out["tweets"]] == [
-        ("two\nlines", "pos", 2), ("plain", "neg", 4), ("a, comma", "pos", 5),
+        ("two\nlines", "pos", 2),
+        ("plain", "neg", 4),
+        ("a, comma", "pos", 5),
     ]
     assert metrics["sources"]["tweets"]["labels"] == {"neg": 1, "pos": 2}
 
@@ -116,11 +162,20 @@ def test_parquet_text_and_label(make_params):
         make_params,
         {"name": "pq", "type": "parquet", "path": "corpus/docs.parquet", "text_field": "content", "label_field": "y"},
     )
-    assert [(r["id"], r["text"], r["label"]) for r in out["pq"]] == [("pq:0", "alpha", "0"), ("pq:1", "beta", "1"),
-                                                                      ("pq:2", "", "1")]
+    assert [(r["id"], r["text"], r["label"]) for r in out["pq"]] == [
+        ("pq:0", "alpha", "0"),
+        ("pq:1", "beta", "1"),
+        ("pq:2", "", "1"),
+    ]
     # ingest keeps empty documents (clean drops them with a count) but says how many there are
-    assert metrics["sources"]["pq"] | {"labels": None} == {"documents": 3, "bytes": 9, "empty": 1,
-                                                           "decode_errors": 0, "binary_files": 0, "labels": None}
+    assert metrics["sources"]["pq"] | {"labels": None} == {
+        "documents": 3,
+        "bytes": 9,
+        "empty": 1,
+        "decode_errors": 0,
+        "binary_files": 0,
+        "labels": None,
+    }
 
 
 def test_bad_bytes_are_replaced_and_counted_but_a_real_replacement_char_is_not(make_params):
@@ -157,42 +212,108 @@ def test_same_inputs_give_the_same_bytes_and_a_rerun_replaces_the_raw_dir(make_p
 
 
 BAD_INPUTS = [
-    ("missing path", {"type": "jsonl", "path": "corpus/nope.jsonl"}, {},
-     r"^source 'bad': corpus/nope\.jsonl does not exist$"),
-    ("empty glob", {"type": "text_files", "path": "corpus/texts/*.txt"}, {"corpus/texts/readme.md": "x"},
-     r"^source 'bad': no files match 'corpus/texts/\*\.txt'$"),
-    ("unreadable file", {"type": "csv", "path": "corpus/table.csv"}, {"corpus/table.csv/inner": "a directory, not a file"},
-     r"^source 'bad': cannot read corpus/table\.csv \(Is a directory\)$"),
-    ("malformed jsonl line", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "ok"}\n{"text": oops}\n'},
-     r"^source 'bad': corpus/d\.jsonl line 2: not valid JSON \(Expecting value\)$"),
-    ("jsonl line not an object", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '["text"]\n'},
-     r"^source 'bad': corpus/d\.jsonl line 1: expected a JSON object, got list$"),
-    ("jsonl line without the text", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "a"}\n{"body": "b"}\n'},
-     r"^source 'bad': corpus/d\.jsonl line 2: no value for 'text'$"),
-    ("missing text column", {"type": "csv", "path": "corpus/t.csv", "text_field": "body"}, {"corpus/t.csv": "text\nhello\n"},
-     r"^source 'bad': corpus/t\.csv has no column 'body' \(columns: text\)$"),
-    ("missing label column", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"}, {"corpus/t.csv": "text\nhello\n"},
-     r"^source 'bad': corpus/t\.csv has no column 'label' \(columns: text\)$"),
-    ("csv row without a label", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
-     {"corpus/t.csv": "text,label\nfine,pos\nshort row\n"},
-     r"^source 'bad': corpus/t\.csv line 3: no value for 'label'$"),
-    ("not a parquet file", {"type": "parquet", "path": "corpus/t.parquet"}, {"corpus/t.parquet": "text\nhello\n"},
-     r"^source 'bad': cannot read corpus/t\.parquet as parquet \(.+\)$"),
-    ("zero documents", {"type": "jsonl", "path": "corpus/empty.jsonl"}, {"corpus/empty.jsonl": "\n\n"},
-     r"^source 'bad': no documents in 'corpus/empty\.jsonl'$"),
-    ("only separators", {"type": "text_files", "path": "corpus/s.txt", "separator": "---"}, {"corpus/s.txt": "---\n---\n"},
-     r"^source 'bad': no documents in 'corpus/s\.txt'$"),
-    ("jsonl text is a number", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": "ok"}\n{"text": 12}\n'},
-     r"^source 'bad': corpus/d\.jsonl line 2: 'text' must be a string \(got int 12\)$"),
-    ("jsonl text is a boolean", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": '{"text": true}\n'},
-     r"^source 'bad': corpus/d\.jsonl line 1: 'text' must be a string \(got bool True\)$"),
-    ("csv row with extra fields", {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
-     {"corpus/t.csv": "text,label\nfine,pos\n\"unquoted, comma\",neg\nshifted, comma,neg\n"},
-     r"^source 'bad': corpus/t\.csv line 4: 3 fields, the header has 2$"),
-    ("binary jsonl file", {"type": "jsonl", "path": "corpus/d.jsonl"}, {"corpus/d.jsonl": b'{"text": "ok"}\n\x7fELF\x02\x01\x00\x00'},
-     r"^source 'bad': corpus/d\.jsonl is not a text file \(a NUL byte at offset 21\)$"),
-    ("only binary files", {"type": "text_files", "path": "corpus/bin/*"}, {"corpus/bin/a.out": b"\x7fELF\x00\x01", "corpus/bin/b": b"\x00"},
-     r"^source 'bad': no documents in 'corpus/bin/\*' \(2 files dropped by rule binary\)$"),
+    (
+        "missing path",
+        {"type": "jsonl", "path": "corpus/nope.jsonl"},
+        {},
+        r"^source 'bad': corpus/nope\.jsonl does not exist$",
+    ),
+    (
+        "empty glob",
+        {"type": "text_files", "path": "corpus/texts/*.txt"},
+        {"corpus/texts/readme.md": "x"},
+        r"^source 'bad': no files match 'corpus/texts/\*\.txt'$",
+    ),
+    (
+        "unreadable file",
+        {"type": "csv", "path": "corpus/table.csv"},
+        {"corpus/table.csv/inner": "a directory, not a file"},
+        r"^source 'bad': cannot read corpus/table\.csv \(Is a directory\)$",
+    ),
+    (
+        "malformed jsonl line",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": '{"text": "ok"}\n{"text": oops}\n'},
+        r"^source 'bad': corpus/d\.jsonl line 2: not valid JSON \(Expecting value\)$",
+    ),
+    (
+        "jsonl line not an object",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": '["text"]\n'},
+        r"^source 'bad': corpus/d\.jsonl line 1: expected a JSON object, got list$",
+    ),
+    (
+        "jsonl line without the text",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": '{"text": "a"}\n{"body": "b"}\n'},
+        r"^source 'bad': corpus/d\.jsonl line 2: no value for 'text'$",
+    ),
+    (
+        "missing text column",
+        {"type": "csv", "path": "corpus/t.csv", "text_field": "body"},
+        {"corpus/t.csv": "text\nhello\n"},
+        r"^source 'bad': corpus/t\.csv has no column 'body' \(columns: text\)$",
+    ),
+    (
+        "missing label column",
+        {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
+        {"corpus/t.csv": "text\nhello\n"},
+        r"^source 'bad': corpus/t\.csv has no column 'label' \(columns: text\)$",
+    ),
+    (
+        "csv row without a label",
+        {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
+        {"corpus/t.csv": "text,label\nfine,pos\nshort row\n"},
+        r"^source 'bad': corpus/t\.csv line 3: no value for 'label'$",
+    ),
+    (
+        "not a parquet file",
+        {"type": "parquet", "path": "corpus/t.parquet"},
+        {"corpus/t.parquet": "text\nhello\n"},
+        r"^source 'bad': cannot read corpus/t\.parquet as parquet \(.+\)$",
+    ),
+    (
+        "zero documents",
+        {"type": "jsonl", "path": "corpus/empty.jsonl"},
+        {"corpus/empty.jsonl": "\n\n"},
+        r"^source 'bad': no documents in 'corpus/empty\.jsonl'$",
+    ),
+    (
+        "only separators",
+        {"type": "text_files", "path": "corpus/s.txt", "separator": "---"},
+        {"corpus/s.txt": "---\n---\n"},
+        r"^source 'bad': no documents in 'corpus/s\.txt'$",
+    ),
+    (
+        "jsonl text is a number",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": '{"text": "ok"}\n{"text": 12}\n'},
+        r"^source 'bad': corpus/d\.jsonl line 2: 'text' must be a string \(got int 12\)$",
+    ),
+    (
+        "jsonl text is a boolean",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": '{"text": true}\n'},
+        r"^source 'bad': corpus/d\.jsonl line 1: 'text' must be a string \(got bool True\)$",
+    ),
+    (
+        "csv row with extra fields",
+        {"type": "csv", "path": "corpus/t.csv", "label_field": "label"},
+        {"corpus/t.csv": 'text,label\nfine,pos\n"unquoted, comma",neg\nshifted, comma,neg\n'},
+        r"^source 'bad': corpus/t\.csv line 4: 3 fields, the header has 2$",
+    ),
+    (
+        "binary jsonl file",
+        {"type": "jsonl", "path": "corpus/d.jsonl"},
+        {"corpus/d.jsonl": b'{"text": "ok"}\n\x7fELF\x02\x01\x00\x00'},
+        r"^source 'bad': corpus/d\.jsonl is not a text file \(a NUL byte at offset 21\)$",
+    ),
+    (
+        "only binary files",
+        {"type": "text_files", "path": "corpus/bin/*"},
+        {"corpus/bin/a.out": b"\x7fELF\x00\x01", "corpus/bin/b": b"\x00"},
+        r"^source 'bad': no documents in 'corpus/bin/\*' \(2 files dropped by rule binary\)$",
+    ),
 ]
 
 
@@ -201,10 +322,20 @@ def test_bad_input_names_source_and_file_and_leaves_no_output(make_params, case,
     write("corpus/good.txt", "a fine document")
     for path, content in files.items():
         write(path, content)
-    params, _ = make_params({"ingest": {"sources": [
-        {"name": "good", "type": "text_files", "path": "corpus/good.txt"},  # written first: must not be left behind
-        {"name": "bad", **source},
-    ]}})
+    params, _ = make_params(
+        {
+            "ingest": {
+                "sources": [
+                    {
+                        "name": "good",
+                        "type": "text_files",
+                        "path": "corpus/good.txt",
+                    },  # written first: must not be left behind
+                    {"name": "bad", **source},
+                ]
+            }
+        }
+    )
     with pytest.raises(LmlineError) as err:
         ingest.run(params.ingest, *config.stage_io(params, "ingest"))
     assert re.match(message, str(err.value)), str(err.value)
@@ -224,7 +355,9 @@ def test_a_failed_run_keeps_the_previous_raw_dir(make_params):
 
 def test_separator_must_not_be_empty(make_params):
     with pytest.raises(config.ConfigError, match=r"ingest\.sources\[0\]\.separator"):
-        make_params({"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/*.txt", "separator": ""}]}})
+        make_params(
+            {"ingest": {"sources": [{"name": "a", "type": "text_files", "path": "corpus/*.txt", "separator": ""}]}}
+        )
 
 
 def test_cli_stage_fails_with_one_line_and_exit_1_leaving_nothing(make_params):
@@ -253,11 +386,17 @@ def test_cli_stage_shows_the_binary_drop_count_in_its_output_and_metrics(make_pa
 def test_cli_sources_lists_sizes_and_unfetched_samples(make_params, tmp_path, monkeypatch):
     monkeypatch.setenv("LMLINE_CACHE", str(tmp_path / "empty-cache"))
     write("corpus/a.txt", "x" * 1500)
-    _, params_path = make_params({"ingest": {"sources": [
-        {"name": "books", "type": "text_files", "path": "corpus/*.txt"},
-        {"name": "later", "type": "jsonl", "path": "corpus/not/yet.jsonl"},
-        {"name": "shakespeare", "type": "sample"},
-    ]}})
+    _, params_path = make_params(
+        {
+            "ingest": {
+                "sources": [
+                    {"name": "books", "type": "text_files", "path": "corpus/*.txt"},
+                    {"name": "later", "type": "jsonl", "path": "corpus/not/yet.jsonl"},
+                    {"name": "shakespeare", "type": "sample"},
+                ]
+            }
+        }
+    )
     result = CliRunner().invoke(app, ["sources", "--params", str(params_path)])
     assert result.exit_code == 0, result.output
     lines = [line.split() for line in result.stdout.splitlines()]

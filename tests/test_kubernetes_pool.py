@@ -1,6 +1,7 @@
 """The gpu pool as a Kubernetes pool: flows/deploy.py's base job template, checked by prefect-kubernetes' own
 code the way a Kubernetes worker uses it. No cluster runs here: the test stops at the Job manifest the
 worker would submit (docs/production.md says so too)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import sys
 import uuid
 
 import pytest
-
+from conftest import REPO, tiny_params, write_params
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun
 from prefect.server.schemas.actions import WorkPoolCreate
@@ -20,8 +21,6 @@ from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
 from flows import deploy
 from lmline import config
-
-from conftest import REPO, tiny_params, write_params
 
 IMAGE = "registry.example/lmline:3f2a1c0"
 
@@ -40,8 +39,11 @@ def render(template: dict, job_variables: dict) -> dict:
 
 def routed_env(template: dict) -> dict:
     """What flows.stage_task.job_env passes as a routed run's `env`: the pool's default env plus MLflow nesting."""
-    return {**template["variables"]["properties"]["env"]["default"],
-            "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "LMLINE_PARENT_RUN_ID": "0123abcd"}
+    return {
+        **template["variables"]["properties"]["env"]["default"],
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+        "LMLINE_PARENT_RUN_ID": "0123abcd",
+    }
 
 
 def test_gpu_pool_template_renders_a_job_with_the_gpus_env_and_image():
@@ -55,10 +57,15 @@ def test_gpu_pool_template_renders_a_job_with_the_gpus_env_and_image():
     assert container["image"] == IMAGE
     env = {e["name"]: e["value"] for e in container["env"]}
     # the pod sees its two GPUs as 0 and 1, whatever the host calls them
-    assert {k: env.get(k) for k in ("CUDA_VISIBLE_DEVICES", "LMLINE_WORKSPACE", "MLFLOW_TRACKING_URI",
-                                    "LMLINE_PARENT_RUN_ID")} == {
-        "CUDA_VISIBLE_DEVICES": "0,1", "LMLINE_WORKSPACE": "/workspace",
-        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "LMLINE_PARENT_RUN_ID": "0123abcd"}
+    assert {
+        k: env.get(k)
+        for k in ("CUDA_VISIBLE_DEVICES", "LMLINE_WORKSPACE", "MLFLOW_TRACKING_URI", "LMLINE_PARENT_RUN_ID")
+    } == {
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "LMLINE_WORKSPACE": "/workspace",
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+        "LMLINE_PARENT_RUN_ID": "0123abcd",
+    }
     assert container["args"] == ["prefect", "flow-run", "execute"]
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert toleration in manifest["spec"]["template"]["spec"]["tolerations"]
@@ -79,8 +86,13 @@ def test_a_deployment_can_override_gpus_and_image():
 
 def test_template_is_printed_for_prefect_work_pool_create(tmp_path):
     write_params(tmp_path / "params.yaml", tiny_params(orchestration={"work_pools": {"gpu_devices": "0,1,2"}}))
-    out = subprocess.run([sys.executable, "-m", "flows.deploy", "kubernetes-template", "--image", IMAGE],
-                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "kubernetes-template", "--image", IMAGE],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     template = json.loads(out.stdout)
     assert template == deploy.kubernetes_gpu_job_template(config.WorkPoolsConfig(gpu_devices="0,1,2"), image=IMAGE)

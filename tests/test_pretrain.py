@@ -1,4 +1,5 @@
 """Pretrain stage: a tiny model really trains on a tiny tokenized corpus (seconds per run)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,17 +15,27 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SEED, sentence, stage_io
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmline import config
 from lmline.errors import LmlineError
 from tasks import pretrain, training
 
-from conftest import REPO, SEED, sentence, stage_io
-
-TINY = {"n_layer": 2, "n_head": 2, "d_model": 64, "context": 32, "batch_size": 8, "max_steps": 30,
-        "warmup_steps": 5, "eval_every": 10, "eval_batches": 2, "log_every": 5, "checkpoint_every": 10,
-        "max_minutes": 10}
+TINY = {
+    "n_layer": 2,
+    "n_head": 2,
+    "d_model": 64,
+    "context": 32,
+    "batch_size": 8,
+    "max_steps": 30,
+    "warmup_steps": 5,
+    "eval_every": 10,
+    "eval_batches": 2,
+    "log_every": 5,
+    "checkpoint_every": 10,
+    "max_minutes": 10,
+}
 TIMING = ("tokens_per_second", "train_seconds", "mfu")  # wall-clock dependent
 
 
@@ -75,7 +86,10 @@ def test_run_trains_and_writes_a_loadable_model(stage):
     tokenizer = AutoTokenizer.from_pretrained(outputs["model"])
     assert (outputs["model"] / "model.safetensors").is_file()
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     prompt = tokenizer("The king", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
@@ -136,9 +150,13 @@ def complete_checkpoints(ckpt_dir: Path) -> list[int]:
 
 def test_rerun_after_a_crash_resumes_from_the_last_checkpoint(stage, workspace):
     cfg, seed, inputs, outputs = stage(max_steps=200)
-    proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, cfg.model_dump_json(), str(seed)], cwd=workspace,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_STAGE, cfg.model_dump_json(), str(seed)],
+        cwd=workspace,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         while not complete_checkpoints(outputs["checkpoints"]) and proc.poll() is None:
             time.sleep(0.02)
@@ -183,12 +201,23 @@ def test_changed_params_seed_or_data_start_fresh(stage, tokenized, workspace):
     cfg, seed, inputs, outputs = stage(lr=1e-3, seed=8)
     metrics = pretrain.run(cfg, seed, {**inputs, "tokens": other_data}, outputs)
     assert (metrics["resumed_from_step"], metrics["steps"]) == (30, 30)  # nothing left: loaded as it was
-    assert [r.split(",")[0] for r in outputs["loss"].read_text().splitlines()[1:]] == ["5", "10", "15", "20", "25", "30"]
+    assert [r.split(",")[0] for r in outputs["loss"].read_text().splitlines()[1:]] == [
+        "5",
+        "10",
+        "15",
+        "20",
+        "25",
+        "30",
+    ]
 
 
 def test_heads_not_dividing_width_fail_at_load(make_params):
-    with pytest.raises(config.ConfigError, match=r"^params.yaml: pretrain: d_model \(64\) must be divisible by n_head \(3\)"):
-        make_params({"ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]}, "pretrain": {**TINY, "n_head": 3}})
+    with pytest.raises(
+        config.ConfigError, match=r"^params.yaml: pretrain: d_model \(64\) must be divisible by n_head \(3\)"
+    ):
+        make_params(
+            {"ingest": {"sources": [{"name": "shakespeare", "type": "sample"}]}, "pretrain": {**TINY, "n_head": 3}}
+        )
 
 
 def test_missing_tokens_is_a_clear_error(stage, workspace):
@@ -201,7 +230,9 @@ def test_missing_tokens_is_a_clear_error(stage, workspace):
 
 def test_gpt2_takes_its_special_tokens_from_the_tokenizer(tokenized):
     tokenizer = AutoTokenizer.from_pretrained(tokenized["tokenizer"])
-    model = pretrain.build_model(config.PretrainConfig(arch="gpt2", n_layer=1, n_head=2, d_model=32, context=16), tokenizer)
+    model = pretrain.build_model(
+        config.PretrainConfig(arch="gpt2", n_layer=1, n_head=2, d_model=32, context=16), tokenizer
+    )
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id != 50256
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
@@ -222,9 +253,31 @@ def test_gpu_bench_runs_tiny_on_cpu(workspace):
     spec = importlib.util.spec_from_file_location("gpu_pretrain", REPO / "bench" / "gpu_pretrain.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--layers", "2", "--width", "64", "--heads", "2", "--context", "32", "--vocab", "256",
-                         "--batch-size", "4", "--steps", "6", "--warmup-steps", "2", "--precision", "fp32",
-                         "--no-compile", "--out", str(workspace / "gpu.json")])
+    result = bench.main(
+        [
+            "--layers",
+            "2",
+            "--width",
+            "64",
+            "--heads",
+            "2",
+            "--context",
+            "32",
+            "--vocab",
+            "256",
+            "--batch-size",
+            "4",
+            "--steps",
+            "6",
+            "--warmup-steps",
+            "2",
+            "--precision",
+            "fp32",
+            "--no-compile",
+            "--out",
+            str(workspace / "gpu.json"),
+        ]
+    )
     assert result["steps_timed"] == 4 and result["flops_per_token"] > 0
     # mfu is rounded to 6 decimals, and a slow or loaded CPU makes it round to 0.0: check how it is
     # computed from its parts instead of comparing the rounded figure with zero.

@@ -10,6 +10,7 @@ they need Debian's `postgresql` installed (initdb/postgres; as root they run as 
 Every process started here is stopped by process group (and any descendant that left the group, by
 PID) when the module ends, failed or not. Waits poll with deadlines; nothing sleeps a fixed time.
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, make_dvc_repo, tiny_params
+
 from lmline import OFFLINE_ENV, config
 from lmline.config import ConfigError
 from lmline.errors import LmlineError
@@ -147,9 +148,13 @@ def as_postgres_user() -> list[str]:
 def s3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def s3_keys(endpoint: str, prefix: str) -> list[str]:
@@ -188,8 +193,12 @@ def prod(tmp_path_factory):
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # the trigger's quiet window is checked every second
         # no ~/.aws file may add a profile or endpoint: the S3 endpoints are the loopback ones set here
-        "AWS_CONFIG_FILE": str(root / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid",
+        "AWS_CONFIG_FILE": str(root / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t.invalid",
     }
     env.pop("LMLINE_PARENT_RUN_ID", None)
 
@@ -201,8 +210,9 @@ def prod(tmp_path_factory):
 
     def start(name: str, cmd: list[str], cwd: Path, extra: dict | None = None) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, **(extra or {})}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env={**env, **(extra or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         proc.log_path = logs / f"{name}.log"
         procs.append(proc)
         return proc
@@ -216,16 +226,58 @@ def prod(tmp_path_factory):
             shutil.chown(pg_dir, "postgres")
             shutil.chown(pg_dir / "pwfile", "postgres")
         started = time.perf_counter()
-        sh([*as_postgres_user(), str(pg_bin / "initdb"), "-D", str(pg_dir / "data"), "-U", "lmline",
-            "--pwfile", str(pg_dir / "pwfile"), "--auth", "scram-sha-256", "-E", "UTF8", "--no-sync"], pg_dir, env)
-        postgres = start("postgres", [*as_postgres_user(), str(pg_bin / "postgres"), "-D", str(pg_dir / "data"),
-                                      "-h", "127.0.0.1", "-p", str(pg_port), "-k", str(pg_dir), "-c", "fsync=off"],
-                         pg_dir)
-        wait_until(lambda: subprocess.run([str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(pg_port)]
-                                          ).returncode == 0, "PostgreSQL", 60, [postgres])
+        sh(
+            [
+                *as_postgres_user(),
+                str(pg_bin / "initdb"),
+                "-D",
+                str(pg_dir / "data"),
+                "-U",
+                "lmline",
+                "--pwfile",
+                str(pg_dir / "pwfile"),
+                "--auth",
+                "scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            pg_dir,
+            env,
+        )
+        postgres = start(
+            "postgres",
+            [
+                *as_postgres_user(),
+                str(pg_bin / "postgres"),
+                "-D",
+                str(pg_dir / "data"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(pg_port),
+                "-k",
+                str(pg_dir),
+                "-c",
+                "fsync=off",
+            ],
+            pg_dir,
+        )
+        wait_until(
+            lambda: (
+                subprocess.run([str(pg_bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(pg_port)]).returncode
+                == 0
+            ),
+            "PostgreSQL",
+            60,
+            [postgres],
+        )
         for db in pg:
-            sh([str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "lmline", db], root,
-               {**env, "PGPASSWORD": pg_password})
+            sh(
+                [str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "lmline", db],
+                root,
+                {**env, "PGPASSWORD": pg_password},
+            )
         print(f"\nPostgreSQL: initdb, start and two databases in {time.perf_counter() - started:.1f}s")
 
         # the object store: moto's S3, standing in for AWS S3 / MinIO
@@ -249,17 +301,36 @@ def prod(tmp_path_factory):
             sh(["git", "clone", "-q", str(origin), str(clone)], root, env)
 
         servers = [
-            postgres, s3,
-            start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(prefect_port)], root,
-                  {"PREFECT_SERVER_DATABASE_CONNECTION_URL": pg["prefect"].replace("postgresql:", "postgresql+asyncpg:")}),
+            postgres,
+            s3,
+            start(
+                "prefect-server",
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                root,
+                {"PREFECT_SERVER_DATABASE_CONNECTION_URL": pg["prefect"].replace("postgresql:", "postgresql+asyncpg:")},
+            ),
             # artifacts are proxied by the server (--artifacts-destination): only the server needs the S3
             # endpoint; the workers need the S3 credentials for DVC
-            start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                    # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
-                                    "--backend-store-uri", pg["mlflow"].replace("postgresql:", "postgresql+psycopg2:"),
-                                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"], root,
-                  {"MLFLOW_S3_ENDPOINT_URL": s3_url}),
+            start(
+                "mlflow-server",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
+                    "--backend-store-uri",
+                    pg["mlflow"].replace("postgresql:", "postgresql+psycopg2:"),
+                    "--artifacts-destination",
+                    f"s3://{BUCKET}/mlflow",
+                    "--workers",
+                    "1",
+                ],
+                root,
+                {"MLFLOW_S3_ENDPOINT_URL": s3_url},
+            ),
         ]
         started = time.perf_counter()
         wait_until(healthy(f"{api}/health"), "the Prefect server", 180, servers)
@@ -269,12 +340,24 @@ def prod(tmp_path_factory):
         deployed = json.loads(sh([str(BIN / "lmline"), "deploy"], clones["cpu"], env))
         assert deployed["deployments"] == ["retrain/retrain", "run-stage/run-stage"]
         for pool, clone in clones.items():
-            start(f"{pool}-worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1",
-                                     "--name", f"{pool}-worker"], clone, {"LMLINE_WORKSPACE": str(clone)})
+            start(
+                f"{pool}-worker",
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", f"{pool}-worker"],
+                clone,
+                {"LMLINE_WORKSPACE": str(clone)},
+            )
         with temporary_settings({PREFECT_API_URL: api}):
-            yield {"root": root, "clones": clones, "mlflow": mlflow_url, "env": env, "logs": logs, "procs": procs,
-                   "s3": s3_url, "pg": pg,
-                   "ports": {"postgres": pg_port, "s3": s3_port, "prefect": prefect_port, "mlflow": mlflow_port}}
+            yield {
+                "root": root,
+                "clones": clones,
+                "mlflow": mlflow_url,
+                "env": env,
+                "logs": logs,
+                "procs": procs,
+                "s3": s3_url,
+                "pg": pg,
+                "ports": {"postgres": pg_port, "s3": s3_port, "prefect": prefect_port, "mlflow": mlflow_port},
+            }
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -305,13 +388,16 @@ def git_repo(root: Path, params: dict | None = None) -> Path:
     return repo
 
 
-@pytest.mark.parametrize("override, message", [
-    ("orchestration.pools.train=gpu", "retries/pools name unknown stages ['train']"),
-    ("orchestration.pools.pretrain=tpu", "orchestration.pools.pretrain must be one of 'cpu' or 'gpu'"),
-    ("orchestration.mode=cloud", "orchestration.mode must be one of 'local' or 'distributed'"),
-    ("orchestration.trigger.quiet_seconds=5", "orchestration.trigger.quiet_seconds must be >= 10"),
-    ("orchestration.schedule.timezone=Mars/Olympus", "timezone 'Mars/Olympus' is not an IANA time zone"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("orchestration.pools.train=gpu", "retries/pools name unknown stages ['train']"),
+        ("orchestration.pools.pretrain=tpu", "orchestration.pools.pretrain must be one of 'cpu' or 'gpu'"),
+        ("orchestration.mode=cloud", "orchestration.mode must be one of 'local' or 'distributed'"),
+        ("orchestration.trigger.quiet_seconds=5", "orchestration.trigger.quiet_seconds must be >= 10"),
+        ("orchestration.schedule.timezone=Mars/Olympus", "timezone 'Mars/Olympus' is not an IANA time zone"),
+    ],
+)
 def test_orchestration_params_are_checked(make_params, override, message):
     _, path = make_params(tiny_params())
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -321,15 +407,21 @@ def test_orchestration_params_are_checked(make_params, override, message):
 def test_prefect_yaml_reads_exactly_the_values_lmline_deploy_sets(make_params):
     from flows import deploy
 
-    params, _ = make_params(tiny_params(orchestration={"work_pools": {"gpu": "a100", "gpu_devices": "0,1"},
-                                                       "trigger": {"quiet_seconds": 30}}))
+    params, _ = make_params(
+        tiny_params(
+            orchestration={"work_pools": {"gpu": "a100", "gpu_devices": "0,1"}, "trigger": {"quiet_seconds": 30}}
+        )
+    )
     env = deploy.deploy_values(params)
     used = set(re.findall(r"\{\{ \$(LMLINE_\w+) \}\}", (REPO / "prefect.yaml").read_text()))
     assert used == set(env)
     assert env["LMLINE_GPU_POOL"] == "a100" and env["LMLINE_TRIGGER_QUIET_SECONDS"] == "PT30S"
     gpu = deploy.pool_job_template("gpu", params.orchestration.work_pools)
     assert gpu["variables"]["properties"]["env"]["default"] == {"CUDA_VISIBLE_DEVICES": "0,1"}
-    assert "default" not in deploy.pool_job_template("cpu", params.orchestration.work_pools)["variables"]["properties"]["env"]
+    assert (
+        "default"
+        not in deploy.pool_job_template("cpu", params.orchestration.work_pools)["variables"]["properties"]["env"]
+    )
 
 
 def test_snapshot_carries_uncommitted_changes_without_touching_branch_or_index(tmp_path):
@@ -356,8 +448,12 @@ def test_distributed_mode_needs_a_dvc_remote_and_a_git_origin(tmp_path):
     params = config.load(repo / "params.yaml")
     with pytest.raises(LmlineError, match="no default DVC remote"):
         routing.check_ready(repo, params)
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
     with pytest.raises(LmlineError, match="no git remote 'origin'"):
         routing.check_ready(repo, params)
 
@@ -388,7 +484,9 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     subprocess.run(["git", "clone", "-q", str(tmp_path / "origin.git"), str(clone)], check=True)
     (repo / "new.txt").write_text("x")
     subprocess.run(["git", "add", "new.txt"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "new"], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "new"], cwd=repo, check=True
+    )
     subprocess.run(["git", "push", "-q", "origin", "main"], cwd=repo, check=True, capture_output=True)
     monkeypatch.setenv(routing.WORKSPACE_ENV, str(clone))
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)  # not started by a worker: no run parameters
@@ -403,7 +501,9 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     head = git(clone, "rev-parse", "HEAD")
     marker = tmp_path / "pwned"
     # the attack is real: handed to git unchecked, this value runs a command on the worker
-    subprocess.run(["git", "fetch", "origin", f"--upload-pack=touch {tmp_path / 'control'}"], cwd=clone, capture_output=True)
+    subprocess.run(
+        ["git", "fetch", "origin", f"--upload-pack=touch {tmp_path / 'control'}"], cwd=clone, capture_output=True
+    )
     assert (tmp_path / "control").exists()
     for git_ref, revision, branch in [
         (f"--upload-pack=touch {marker}", None, "main"),
@@ -413,8 +513,9 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     ]:
         with pytest.raises(LmlineError) as refused:
             routing.check_out(clone, git_ref, revision, branch)
-        assert "\n" not in str(refused.value) and ("is not a valid git ref name" in str(refused.value)
-                                                    or "must be a full commit id" in str(refused.value))
+        assert "\n" not in str(refused.value) and (
+            "is not a valid git ref name" in str(refused.value) or "must be a full commit id" in str(refused.value)
+        )
     with pytest.raises(LmlineError, match="git_ref '--upload-pack=touch .*' is not a valid git ref name"):
         retrain.fn(git_ref=f"--upload-pack=touch {marker}")  # the data trigger's parameters, before any work
     assert not marker.exists() and git(clone, "rev-parse", "HEAD") == head
@@ -425,13 +526,16 @@ def test_a_worker_enters_its_clone_at_the_branch_tip(tmp_path, monkeypatch):
     assert git(clone, "rev-parse", "HEAD") == revision and "seed: 8" in (clone / "params.yaml").read_text()
 
 
-@pytest.mark.parametrize("path, pattern", [
-    ("corpus/docs/a.txt", "corpus/docs/*.txt"),
-    ("corpus/docs/sub/a.txt", "corpus/docs/*.txt"),
-    ("corpus/docs/a.md", "corpus/docs/*.txt"),
-    ("corpus/docs/sub/deeper/a.txt", "corpus/docs/**/*.txt"),
-    ("corpus/docs/sub/a.txt", "corpus/docs/*/*.txt"),
-])
+@pytest.mark.parametrize(
+    "path, pattern",
+    [
+        ("corpus/docs/a.txt", "corpus/docs/*.txt"),
+        ("corpus/docs/sub/a.txt", "corpus/docs/*.txt"),
+        ("corpus/docs/a.md", "corpus/docs/*.txt"),
+        ("corpus/docs/sub/deeper/a.txt", "corpus/docs/**/*.txt"),
+        ("corpus/docs/sub/a.txt", "corpus/docs/*/*.txt"),
+    ],
+)
 def test_added_files_must_be_what_the_sources_glob_finds(tmp_path, monkeypatch, path, pattern):
     import glob
     from pathlib import PurePosixPath
@@ -487,8 +591,12 @@ def test_lmline_data_add_tracks_the_source_with_dvc_and_snapshots_it(tmp_path, m
     from lmline.vcs import git
 
     repo = git_repo(tmp_path)
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "store")],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
     monkeypatch.chdir(repo)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     new = tmp_path / "doc900.txt"
@@ -561,8 +669,9 @@ def test_distributed_retrain_routes_gpu_stages_to_the_gpu_worker(prod):
     client = MlflowClient(tracking_uri=prod["mlflow"])
     champion = client.get_model_version_by_alias("tiny-classification", "champion")
     parent = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
-    nested = client.search_runs([client.get_run(parent).info.experiment_id],
-                                filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    nested = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
     assert sorted(r.info.run_name for r in nested) == sorted(["ingest", "clean", "tokenize", *GPU_STAGES])
     # each gpu stage's MLflow run was made at the snapshot its routed run checked out
     revisions = {r.parameters["stage"]: r.parameters["revision"] for r in stage_runs}
@@ -596,15 +705,22 @@ def test_new_data_triggers_one_retrain(prod):
     (new / "doc900.txt").write_text("The harbour was quiet before the storm.\nThe merchant spoke.\n")
     (new / "reviews.jsonl").write_text(json.dumps({"review": "A wonderful film.", "verdict": "fresh"}) + "\n")
     # two sources, two events in one burst
-    added = [json.loads(sh([str(BIN / "lmline"), "data", "add", str(new / f), "--source", s], cpu, env))
-             for f, s in (("doc900.txt", "docs"), ("reviews.jsonl", "reviews"))]
+    added = [
+        json.loads(sh([str(BIN / "lmline"), "data", "add", str(new / f), "--source", s], cpu, env))
+        for f, s in (("doc900.txt", "docs"), ("reviews.jsonl", "reviews"))
+    ]
     assert all(a["event"] for a in added)
     assert (cpu / "corpus/docs.dvc").exists() and (cpu / "corpus/docs/doc900.txt").exists()
     on_s3 = set(s3_keys(prod["s3"], "dvc/"))
-    assert {f"dvc/files/md5/{a['md5'][:2]}/{a['md5'][2:]}" for a in added} <= on_s3, "the added data is on the S3 remote"
+    assert {f"dvc/files/md5/{a['md5'][:2]}/{a['md5'][2:]}" for a in added} <= on_s3, (
+        "the added data is on the S3 remote"
+    )
 
-    triggered = wait_until(lambda: [r for r in flow_runs("retrain/retrain") if r.id not in before],
-                           "a retrain run created by the data trigger", 90)
+    triggered = wait_until(
+        lambda: [r for r in flow_runs("retrain/retrain") if r.id not in before],
+        "a retrain run created by the data trigger",
+        90,
+    )
     assert len(triggered) == 1, "one burst of data events starts one retrain"
     [run] = triggered
     assert run.created_by and run.created_by.type == "AUTOMATION"

@@ -1,5 +1,6 @@
 """Progress bars where a person watches (a terminal: here a real pseudo-terminal), plain lines elsewhere;
 --quiet silences them all the way down to the stage processes; the terminal filter of `lmline run`."""
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,13 @@ def test_quiet_silences_the_bars_and_passes_on_to_child_processes():
 
 
 def test_no_terminal_no_bars_and_library_bars_off():
-    out = subprocess.run([sys.executable, "-c", BAR_SCRIPT + "\nimport os; print(os.environ['TQDM_DISABLE'])"],
-                         env=clean_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BAR_SCRIPT + "\nimport os; print(os.environ['TQDM_DISABLE'])"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "work:" not in out.stderr and "train:" not in out.stderr
     assert out.stdout.strip().endswith("1"), "libraries' tqdm bars are switched off too"
 

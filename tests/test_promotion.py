@@ -1,8 +1,9 @@
 """The promotion gate: the pure decision, and the alias moves against a real MLflow SQLite registry."""
+
 from __future__ import annotations
 
 import pytest
-
+from conftest import tiny_params
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -10,11 +11,10 @@ from mlflow.tracking import MlflowClient
 from flows import promotion, scoring
 from flows.promotion import Scores, decide
 from lmline import config
-from lmline.tracking import registry as tracking_registry, store
 from lmline.config import PromoteConfig
 from lmline.errors import LmlineError
-
-from conftest import tiny_params
+from lmline.tracking import registry as tracking_registry
+from lmline.tracking import store
 
 CFG = PromoteConfig(metric="macro_f1", min_delta=0.01, max_bpb_regression=0.05)
 
@@ -99,7 +99,7 @@ def test_champion_is_rescored_when_the_test_split_changed(registry):
 
 
 def test_manual_promote_and_rollback(registry):
-    v1, v2, v3 = registry(), registry(), registry()
+    v1, _v2, v3 = registry(), registry(), registry()
     promotion.promote("m-classification", v1, Scores(0.6, 2.0, "s"), CFG, never_rescore)
     promotion.manual_promote("m-classification", v3, who="alice", why="hotfix")
     assert int(tracking_registry.alias_version("m-classification", "champion").version) == v3
@@ -138,9 +138,14 @@ def test_lower_is_better_for_bits_per_byte():
     assert "lower is better" in decide(Scores(1.20, 2.0, "s"), champion, cfg).reason
 
 
-@pytest.mark.parametrize("task, metric, resolved", [("classification", "auto", "macro_f1"),
-                                                    ("causal-lm", "auto", "bits_per_byte"),
-                                                    ("classification", "accuracy", "accuracy")])
+@pytest.mark.parametrize(
+    "task, metric, resolved",
+    [
+        ("classification", "auto", "macro_f1"),
+        ("causal-lm", "auto", "bits_per_byte"),
+        ("classification", "accuracy", "accuracy"),
+    ],
+)
 def test_promote_metric_follows_the_task(make_params, task, metric, resolved):
     params, _ = make_params(tiny_params(finetune={"task": task}, promote={"metric": metric}))
     assert scoring.gate_config(params).metric == resolved
@@ -182,12 +187,21 @@ def aliases() -> dict:
         mv = tracking_registry.alias_version(name, alias)
         return None if mv is None else str(mv.version)
 
-    return {"champion": of("m-classification", "champion"), "challenger": of("m-classification", "challenger"),
-            "base": of(BASE, "champion")}
+    return {
+        "champion": of("m-classification", "champion"),
+        "challenger": of("m-classification", "challenger"),
+        "base": of(BASE, "champion"),
+    }
 
 
-REGISTRY_CALLS = ("get_model_version_by_alias", "get_model_version", "set_model_version_tag", "delete_model_version_tag",
-                  "set_registered_model_alias", "delete_registered_model_alias")
+REGISTRY_CALLS = (
+    "get_model_version_by_alias",
+    "get_model_version",
+    "set_model_version_tag",
+    "delete_model_version_tag",
+    "set_registered_model_alias",
+    "delete_registered_model_alias",
+)
 
 
 def fail_at_call(monkeypatch, n: int) -> list:
@@ -208,7 +222,9 @@ def fail_at_call(monkeypatch, n: int) -> list:
 
 
 GATE_OPERATIONS = {
-    "gate promotes": lambda v1, v2: promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore),
+    "gate promotes": lambda v1, v2: promotion.promote(
+        "m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore
+    ),
     "gate rejects": lambda v1, v2: promotion.promote("m-classification", v2, Scores(0.1, 2.0, "s"), CFG, never_rescore),
     "manual promote": lambda v1, v2: promotion.manual_promote("m-classification", v2, "alice", "test"),
 }
@@ -280,7 +296,9 @@ def test_the_two_champion_aliases_move_together_or_not_at_all(gate):
 
 def test_a_missing_champion_score_keeps_the_champion(gate):
     v1, v2 = gate
-    tracking_registry.set_version_tags("m-classification", v1, {"lmline.eval.bits_per_byte": ""})  # scored without its base LM
+    tracking_registry.set_version_tags(
+        "m-classification", v1, {"lmline.eval.bits_per_byte": ""}
+    )  # scored without its base LM
     result = promotion.promote("m-classification", v2, Scores(0.9, 2.0, "s"), CFG, never_rescore)
     assert not result["promoted"] and "the champion has no base bits/byte" in result["reason"]
     assert aliases()["champion"] == str(v1)

@@ -1,5 +1,6 @@
 """clean on a real Ray cluster: a local head (2 CPUs, loopback only) started with `ray start`, the same
 stage run with clean.executor local and ray, and the outputs compared byte for byte."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,13 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import BIN, REPO, free_port, tiny_params, write_params, write_tiny_corpus
 
 from lmline import config
 from lmline.config import ConfigError
 from lmline.errors import LmlineError
 from tasks import clean, clean_executor, ingest
-
-from conftest import BIN, REPO, free_port, tiny_params, write_params, write_tiny_corpus
 
 # Ray's local-only mode: without it Ray swaps 127.0.0.1 for the machine's outward IP and its servers
 # listen on every interface. (tasks/clean_executor.py sets the same for a loopback clean.ray.address.)
@@ -29,16 +29,35 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENAB
 
 def start_ray_head(temp_dir: Path, port: int) -> int:
     """`ray start --head` on 127.0.0.1 with 2 CPUs; returns the process group its daemons run in."""
-    env = {**os.environ, **LOOPBACK_ONLY, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           # the workers import tasks.clean to run the pipelines: this checkout, as in the driver
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TMPDIR": str(temp_dir)}  # datatrove's Ray tasks write their logs under $TMPDIR/ray_logs
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
-           "--object-store-memory", str(80 * 1024 * 1024),  # Ray's minimum is 75 MiB; the tasks pass no data
-           "--temp-dir", str(temp_dir)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # the daemons stay in this session's process group
+    env = {
+        **os.environ,
+        **LOOPBACK_ONLY,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # the workers import tasks.clean to run the pipelines: this checkout, as in the driver
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "TMPDIR": str(temp_dir),
+    }  # datatrove's Ray tasks write their logs under $TMPDIR/ray_logs
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "false",
+        "--disable-usage-stats",
+        "--object-store-memory",
+        str(80 * 1024 * 1024),  # Ray's minimum is 75 MiB; the tasks pass no data
+        "--temp-dir",
+        str(temp_dir),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # the daemons stay in this session's process group
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"ray start failed:\n{out[-3000:]}"
     return proc.pid
@@ -70,8 +89,11 @@ def listening_outside_loopback(pgid: int) -> list[str]:
     pids = set(group_members(pgid))
     listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert listening, "the head's servers listen somewhere"  # else this check would prove nothing
-    return [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening
-            if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    return [
+        f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})"
+        for c in listening
+        if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    ]
 
 
 def write_corpus_with_drops(root: Path) -> None:
@@ -84,8 +106,9 @@ def write_corpus_with_drops(root: Path) -> None:
     first = original.split()[3]
     (docs / "doc901.txt").write_text(original.replace(first, "harbourmaster", 1), encoding="utf-8")
     (docs / "doc902.txt").write_text("Hi.\n", encoding="utf-8")
-    (docs / "doc903.txt").write_text("Letters for the harbour market go to clerk@harbour.example today.\n",
-                                     encoding="utf-8")
+    (docs / "doc903.txt").write_text(
+        "Letters for the harbour market go to clerk@harbour.example today.\n", encoding="utf-8"
+    )
 
 
 def run_clean(sections: dict, out: Path) -> tuple[dict, float]:
@@ -104,15 +127,20 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.integration  # a Ray head plus ~15 s of tasks on 2 cores: `make test-integration`, run by .ci/run after `make test`
+# a Ray head plus ~15 s of tasks on 2 cores: `make test-integration`, run by .ci/run after `make test`
+@pytest.mark.integration
 def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # restored after the test
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     write_corpus_with_drops(workspace)
     # 2 tasks per pass, as many as the head has CPUs; 2 LSH bands instead of 14: a Ray task costs ~1 s
     # to start (a fresh actor process), and the bucket pass runs one task per band.
-    clean_params = {"min_chars": 10, "workers": 2, "split": {"val": 0.15, "test": 0.15},
-                    "minhash": {"num_buckets": 2, "hashes_per_bucket": 8}}
+    clean_params = {
+        "min_chars": 10,
+        "workers": 2,
+        "split": {"val": 0.15, "test": 0.15},
+        "minhash": {"num_buckets": 2, "hashes_per_bucket": 8},
+    }
     sections = tiny_params(clean=clean_params)
     params = config.load(write_params(workspace / "params.yaml", sections))
     ingest.run(params.ingest, *config.stage_io(params, "ingest"))
@@ -127,18 +155,23 @@ def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeyp
     try:
         head_s = time.perf_counter() - started
         assert listening_outside_loopback(pgid) == []
-        ray_sections = tiny_params(clean={**clean_params, "executor": "ray",
-                                          "ray": {"address": f"127.0.0.1:{port}", "mem_per_cpu_gb": 0.25}})
+        ray_sections = tiny_params(
+            clean={**clean_params, "executor": "ray", "ray": {"address": f"127.0.0.1:{port}", "mem_per_cpu_gb": 0.25}}
+        )
         on_ray, ray_s = run_clean(ray_sections, workspace / "ray")
         # every task of every pass ran in one of Ray's RankWorker actors on this head
-        actor_logs = [p for p in (ray_tmp / "session_latest" / "logs").glob("worker-*.out")
-                      if ":actor_name:RankWorker" in p.read_text(errors="replace")]
+        actor_logs = [
+            p
+            for p in (ray_tmp / "session_latest" / "logs").glob("worker-*.out")
+            if ":actor_name:RankWorker" in p.read_text(errors="replace")
+        ]
         passes_tasks = 2 + 1 + 2 + 2 + 1 + 2  # filter, find exact dups, exact filter, 2 bands, cluster, near filter
         assert len(actor_logs) >= passes_tasks
 
         # a reservation no node can hold fails at once (Ray itself would wait for ever)
-        too_big = tiny_params(clean={**clean_params, "executor": "ray",
-                                     "ray": {"address": f"127.0.0.1:{port}", "mem_per_cpu_gb": 4096}})
+        too_big = tiny_params(
+            clean={**clean_params, "executor": "ray", "ray": {"address": f"127.0.0.1:{port}", "mem_per_cpu_gb": 4096}}
+        )
         with pytest.raises(LmlineError, match=r"clean\.ray: no node of the cluster can hold a task"):
             run_clean(too_big, workspace / "too-big")
     finally:
@@ -156,11 +189,13 @@ def test_clean_on_a_ray_cluster_writes_what_it_writes_locally(workspace, monkeyp
 
 def test_ray_settings_are_validated(make_params):
     base = tiny_params()
-    for ray, message in (({"address": "ray://head:10001"}, "clean.ray: address must be host:port"),
-                         ({"address": "head:99999"}, "clean.ray: address must be host:port"),
-                         ({"cpus_per_task": 0}, "clean.ray.cpus_per_task must be >= 1"),
-                         ({"mem_per_cpu_gb": 0}, "clean.ray.mem_per_cpu_gb must be > 0"),
-                         ({"head": "x:1"}, "clean.ray.head is not a known key")):
+    for ray, message in (
+        ({"address": "ray://head:10001"}, "clean.ray: address must be host:port"),
+        ({"address": "head:99999"}, "clean.ray: address must be host:port"),
+        ({"cpus_per_task": 0}, "clean.ray.cpus_per_task must be >= 1"),
+        ({"mem_per_cpu_gb": 0}, "clean.ray.mem_per_cpu_gb must be > 0"),
+        ({"head": "x:1"}, "clean.ray.head is not a known key"),
+    ):
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             make_params({**base, "clean": {"executor": "ray", "ray": ray}})
     with pytest.raises(ConfigError, match=r"clean\.executor must be one of"):
@@ -171,10 +206,17 @@ def test_ray_settings_are_validated(make_params):
 
 def test_clean_stage_imports_ray_only_for_the_ray_executor():
     """Stages stay light: `executor: local` (the default) never imports Ray."""
-    code = ("import sys; import tasks.clean; from lmline.clean_config import CleanConfig; "
-            "print('ray' in sys.modules, CleanConfig().executor)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    code = (
+        "import sys; import tasks.clean; from lmline.clean_config import CleanConfig; "
+        "print('ray' in sys.modules, CleanConfig().executor)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout.split()
     assert out == ["False", "local"]
 
 
@@ -199,11 +241,14 @@ def test_a_pass_with_a_task_that_did_not_complete_fails_naming_it(tmp_path):
     executor.mark_rank_as_completed(1)
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "task_00000.log").write_text(
-        "2026-12-02 INFO reading shard\n2026-12-02 ERROR RuntimeError: No files found on /data/shards!\n")
+        "2026-12-02 INFO reading shard\n2026-12-02 ERROR RuntimeError: No files found on /data/shards!\n"
+    )
     with pytest.raises(LmlineError) as caught:
         clean_executor.check_every_task_completed(executor, "clean pass 1 of 6")
-    assert str(caught.value) == ("clean pass 1 of 6: tasks [0, 2] of 3 did not complete "
-                                 "(2026-12-02 ERROR RuntimeError: No files found on /data/shards!)")
+    assert str(caught.value) == (
+        "clean pass 1 of 6: tasks [0, 2] of 3 did not complete "
+        "(2026-12-02 ERROR RuntimeError: No files found on /data/shards!)"
+    )
     for rank in (0, 2):
         executor.mark_rank_as_completed(rank)
     clean_executor.check_every_task_completed(executor, "clean pass 1 of 6")  # all done: no error

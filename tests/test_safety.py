@@ -1,5 +1,6 @@
 """No value or command can lose data: paths.* are checked before any work, atomic_path only ever
 removes its own temp folder, snapshots never commit untracked files, and `data add` is all or nothing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,14 +11,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_dvc_repo, tiny_params, write_tiny_corpus
+
 from lmline import config
 from lmline.config import ConfigError
 from lmline.errors import LmlineError
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t.invalid"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t.invalid",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t.invalid",
+}
 
 
 # Content-addressed stores and lock files: written to by reads and failed attempts, lose nothing.
@@ -26,8 +31,11 @@ CACHES = (".git/objects", ".dvc/cache", ".dvc/tmp")
 
 def tree_state(root: Path) -> dict[str, bytes]:
     """Every file under `root` (.git included, its object store not) with its bytes."""
-    return {rel: p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not (rel := p.relative_to(root).as_posix()).startswith(CACHES)}
+    return {
+        rel: p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not (rel := p.relative_to(root).as_posix()).startswith(CACHES)
+    }
 
 
 def sh(root: Path, *cmd: str) -> str:
@@ -36,21 +44,30 @@ def sh(root: Path, *cmd: str) -> str:
 
 
 # ---------------------------------------------------------------- paths.* before any work
-@pytest.mark.parametrize("override, message", [
-    ("paths.raw=corpus", "params.yaml: paths.raw must not be paths.corpus or lie inside it (got 'corpus')"),
-    ("paths.raw=corpus/raw", "paths.raw must not be paths.corpus or lie inside it (got 'corpus/raw')"),
-    ("paths.corpus=data", "paths.corpus must not contain paths.raw ('data/raw') (got 'data')"),
-    ("paths.raw=.", "paths.raw must name a folder inside the workspace, not the workspace itself (got '.')"),
-    ("paths.raw=''", "paths.raw must name a folder inside the workspace, not the workspace itself (got '')"),
-    ("paths.tokens=./", "paths.tokens must name a folder inside the workspace, not the workspace itself (got './')"),
-    ("paths.clean=data/raw", "paths.clean must not be paths.raw or lie inside it (got 'data/raw')"),
-    ("paths.metrics=models", "paths.metrics must not contain paths.pretrain_model ('models/pretrain') (got 'models')"),
-    ("paths.raw=/tmp/raw", "paths.raw must be relative to the workspace (got '/tmp/raw')"),
-    ("paths.raw=data/../../raw", "paths.raw must stay inside the workspace, without '..' (got 'data/../../raw')"),
-    ("paths.reports=.git", "paths.reports must not be .git or .dvc or lie inside them (got '.git')"),
-    ("paths.plots=.dvc/plots", "paths.plots must not be .git or .dvc or lie inside them (got '.dvc/plots')"),
-    ("paths.reports=params.yaml", "paths.reports must not be params.yaml or lie inside it"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("paths.raw=corpus", "params.yaml: paths.raw must not be paths.corpus or lie inside it (got 'corpus')"),
+        ("paths.raw=corpus/raw", "paths.raw must not be paths.corpus or lie inside it (got 'corpus/raw')"),
+        ("paths.corpus=data", "paths.corpus must not contain paths.raw ('data/raw') (got 'data')"),
+        ("paths.raw=.", "paths.raw must name a folder inside the workspace, not the workspace itself (got '.')"),
+        ("paths.raw=''", "paths.raw must name a folder inside the workspace, not the workspace itself (got '')"),
+        (
+            "paths.tokens=./",
+            "paths.tokens must name a folder inside the workspace, not the workspace itself (got './')",
+        ),
+        ("paths.clean=data/raw", "paths.clean must not be paths.raw or lie inside it (got 'data/raw')"),
+        (
+            "paths.metrics=models",
+            "paths.metrics must not contain paths.pretrain_model ('models/pretrain') (got 'models')",
+        ),
+        ("paths.raw=/tmp/raw", "paths.raw must be relative to the workspace (got '/tmp/raw')"),
+        ("paths.raw=data/../../raw", "paths.raw must stay inside the workspace, without '..' (got 'data/../../raw')"),
+        ("paths.reports=.git", "paths.reports must not be .git or .dvc or lie inside them (got '.git')"),
+        ("paths.plots=.dvc/plots", "paths.plots must not be .git or .dvc or lie inside them (got '.dvc/plots')"),
+        ("paths.reports=params.yaml", "paths.reports must not be params.yaml or lie inside it"),
+    ],
+)
 def test_a_path_that_could_lose_data_is_refused_naming_its_key(make_params, override, message):
     _, path = make_params(tiny_params())
     with pytest.raises(ConfigError) as exc:
@@ -60,8 +77,15 @@ def test_a_path_that_could_lose_data_is_refused_naming_its_key(make_params, over
 
 def test_separate_paths_inside_the_workspace_are_accepted(make_params):
     _, path = make_params(tiny_params())
-    params = config.load(path, ["paths.raw=data/raw-v2", "paths.tokens=data/tok", "paths.corpus=./my-corpus",
-                                "ingest.sources=[{name: d, type: text_files, path: my-corpus/d/*.txt}]"])
+    params = config.load(
+        path,
+        [
+            "paths.raw=data/raw-v2",
+            "paths.tokens=data/tok",
+            "paths.corpus=./my-corpus",
+            "ingest.sources=[{name: d, type: text_files, path: my-corpus/d/*.txt}]",
+        ],
+    )
     assert params.paths.raw == "data/raw-v2"
 
 
@@ -114,7 +138,11 @@ def test_atomic_path_keeps_the_old_target_when_the_body_fails_and_replaces_it_wh
             tmp.mkdir()
             (tmp / "half.txt").write_text("half")
             raise RuntimeError("interrupted")
-    assert tree_state(workspace) == {"out/sub/a.txt": b"old", "beside.txt": b"beside", "mlflow.db": (workspace / "mlflow.db").read_bytes()}
+    assert tree_state(workspace) == {
+        "out/sub/a.txt": b"old",
+        "beside.txt": b"beside",
+        "mlflow.db": (workspace / "mlflow.db").read_bytes(),
+    }
     with pytest.raises(LmlineError, match="nothing was written"):
         with atomic_path("out"):
             pass
@@ -199,6 +227,7 @@ def test_data_add_undoes_everything_when_a_step_fails_and_a_rerun_ends_as_one_cl
     again = runner.invoke(app, ["data", "add", str(new), "--source", "reviews"])
     assert again.exit_code == 0 and json.loads(again.stdout)["changed"] is False
     assert reviews.read_bytes() == old + rows.encode(), "re-adding the same rows adds nothing"
+
     def tree_of(revision: str) -> str:  # the commits differ in their time only
         return sh(origin, "git", "rev-parse", f"{revision}^{{tree}}")
 

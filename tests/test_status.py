@@ -1,5 +1,6 @@
 """`lmline status`: stages from `dvc status`, champion and challenger from MLflow, flow runs from a
 Prefect server when one is configured (never an ephemeral one: status must stay fast)."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ import time
 
 import pytest
 import yaml
+from conftest import BIN, free_port, make_dvc_repo, tiny_params
 from typer.testing import CliRunner
 
 from lmline.cli import app
 from lmline.cli.status import describe_changes
-
-from conftest import BIN, free_port, make_dvc_repo, tiny_params
 
 
 def test_describe_changes_names_what_changed():
@@ -62,8 +62,9 @@ def test_status_after_a_run_against_real_servers(served_pipeline):
     workspace, env = served_pipeline["workspace"], served_pipeline["env"]
 
     def status(*args: str) -> str:
-        out = subprocess.run([str(BIN / "lmline"), "status", *args], cwd=workspace, env=env, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(
+            [str(BIN / "lmline"), "status", *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
 
@@ -88,6 +89,8 @@ def test_status_after_a_run_against_real_servers(served_pipeline):
     finally:
         params_file.write_text(original)
     lines = {line.split()[0]: line for line in table.splitlines()[2:8]}
-    assert "changed" in lines["pretrain"] and "params pretrain modified" in lines["pretrain"]  # dvc.yaml lists the section
+    assert (
+        "changed" in lines["pretrain"] and "params pretrain modified" in lines["pretrain"]
+    )  # dvc.yaml lists the section
     assert "may re-run after pretrain" in lines["evaluate"] and "up to date" in lines["tokenize"]
     assert "@champion" in table and served_pipeline["flow_run_id"] in table

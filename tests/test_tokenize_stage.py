@@ -1,4 +1,5 @@
 """tokenize stage: tokenizer training, exact round trips, packing, determinism across threads, bad input."""
+
 from __future__ import annotations
 
 import random
@@ -7,13 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SEED, stage_io
 
 from lmline import config
 from lmline.errors import LmlineError
 from lmline.io import read_json
 from tasks import tokenize
-
-from conftest import SEED, stage_io
 
 WORDS = "the king spoke to his people in the morning and they answered him with bread and wine".split()
 
@@ -55,12 +55,14 @@ def write_clean(root, splits: dict[str, list[str]], role: str = "pretrain") -> N
     out = root / "data" / "clean" / role
     out.mkdir(parents=True, exist_ok=True)
     for split, texts in splits.items():
-        table = pa.table({
-            "id": [f"{split}-{i}" for i in range(len(texts))],
-            "source": ["test"] * len(texts),
-            "text": pa.array(texts, pa.string()),
-            "label": pa.array([None] * len(texts), pa.string()),
-        })
+        table = pa.table(
+            {
+                "id": [f"{split}-{i}" for i in range(len(texts))],
+                "source": ["test"] * len(texts),
+                "text": pa.array(texts, pa.string()),
+                "label": pa.array([None] * len(texts), pa.string()),
+            }
+        )
         pq.write_table(table, out / f"{split}.parquet")
 
 
@@ -290,5 +292,9 @@ def test_an_empty_split_packs_to_an_empty_file(workspace):
 
 def test_train_sample_mb_must_be_positive(make_params):
     with pytest.raises(config.ConfigError, match=r"tokenize\.train_sample_mb must be > 0"):
-        make_params({"ingest": {"sources": [{"name": "d", "type": "text_files", "path": "x"}]},
-                     "tokenize": {"train_sample_mb": 0}})
+        make_params(
+            {
+                "ingest": {"sources": [{"name": "d", "type": "text_files", "path": "x"}]},
+                "tokenize": {"train_sample_mb": 0},
+            }
+        )

@@ -1,5 +1,6 @@
 """The training set-up pretrain and finetune share (tasks/training.py): why a run stopped, the loss CSV,
 the Trainer arguments both stages start from."""
+
 from __future__ import annotations
 
 import torch
@@ -16,14 +17,25 @@ def test_stopped_by_names_the_budget_that_ended_training():
 
 
 def test_loss_csv_always_has_the_plotted_columns_and_the_final_figure_on_the_last_step(tmp_path):
-    log = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}, {"step": 10, "eval_loss": 1.7, "eval_runtime": 0.1},
-           {"step": 13, "train_runtime": 3.0, "train_loss": 1.6}]
+    log = [
+        {"step": 5, "loss": 2.0},
+        {"step": 10, "loss": 1.5},
+        {"step": 10, "eval_loss": 1.7, "eval_runtime": 0.1},
+        {"step": 13, "train_runtime": 3.0, "train_loss": 1.6},
+    ]
     rows = training.loss_history(log, final={"step": 13, "val_loss": 1.61234567})
-    assert rows == [{"step": 5, "train_loss": 2.0}, {"step": 10, "train_loss": 1.5, "val_loss": 1.7},
-                    {"step": 13, "val_loss": 1.612346}]
+    assert rows == [
+        {"step": 5, "train_loss": 2.0},
+        {"step": 10, "train_loss": 1.5, "val_loss": 1.7},
+        {"step": 13, "val_loss": 1.612346},
+    ]
     training.write_loss_csv(tmp_path / "loss.csv", rows)
     assert (tmp_path / "loss.csv").read_text().splitlines() == [
-        "step,train_loss,val_loss", "5,2.0,", "10,1.5,1.7", "13,,1.612346"]
+        "step,train_loss,val_loss",
+        "5,2.0,",
+        "10,1.5,1.7",
+        "13,,1.612346",
+    ]
 
     training.write_loss_csv(tmp_path / "short.csv", [])  # a run shorter than one log interval
     assert (tmp_path / "short.csv").read_text() == "step,train_loss,val_loss\n"

@@ -9,6 +9,7 @@
 
 Commands just raise LmlineError; OneLineErrors prints it as one `error:` line and exits 1.
 """
+
 # The command modules register their commands on `app` as they are imported: in this order, --help's.
 from lmline.cli import pipeline, models, status, production  # noqa: F401,I001
 from lmline.cli.root import app, main

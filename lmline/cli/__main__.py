@@ -1,4 +1,5 @@
 """`python -m lmline.cli`: what launch_distributed starts once per device."""
+
 from lmline.cli import main
 
 main()

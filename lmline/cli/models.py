@@ -4,6 +4,7 @@
 torch, transformers and the stage modules that import them are imported inside the commands that
 load a model: together they take about ten seconds to import, which every `lmline` call would pay.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -41,7 +42,9 @@ def default_model(params: config.Params, kind: ModelKind) -> str:
 @app.command("evaluate-text")
 def evaluate_text(
     file: Annotated[Path, typer.Argument(help="a UTF-8 text file")],
-    model: Annotated[str, typer.Option("--model", "-m", help="model dir, or models:/NAME@ALIAS | models:/NAME/VERSION")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="model dir, or models:/NAME@ALIAS | models:/NAME/VERSION")
+    ],
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 16,
 ) -> None:
     """Bits per byte and perplexity of a causal LM on a text file (non-overlapping context windows)."""
@@ -125,7 +128,9 @@ def check_sampling_options(max_new_tokens: int | None, temperature: float | None
 @app.command()
 def classify(
     text: Annotated[str, typer.Argument()],
-    model: Annotated[Optional[str], typer.Option(help="models:/ URI or local dir (default: task model @champion)")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="models:/ URI or local dir (default: task model @champion)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Classify TEXT with the fine-tuned classifier; prints the label and class probabilities."""
@@ -149,4 +154,3 @@ def lineage(model_uri: Annotated[str, typer.Argument(help="models:/name/version 
     """What produced a model version: git commit, DVC hashes, params, Prefect flow run, MLflow runs."""
     info = tracking_lineage.lineage(model_uri)
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
-

@@ -2,6 +2,7 @@
 
 Prefect is imported inside `run` alone: it adds about a second to every `lmline` call, --help included.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,5 +81,7 @@ def check_prefect_api() -> None:
     starts a temporary server of its own)."""
     api = os.environ.get("PREFECT_API_URL", "")
     if api and (reason := store.health_error(api, store.PROBE_TIMEOUT_S)):
-        raise LmlineError(f"the Prefect API at {api} does not answer ({reason}); "
-                          "start the server or unset PREFECT_API_URL for a temporary one")
+        raise LmlineError(
+            f"the Prefect API at {api} does not answer ({reason}); "
+            "start the server or unset PREFECT_API_URL for a temporary one"
+        )

@@ -1,4 +1,5 @@
 """Production commands (docs/production.md): `lmline deploy` and `lmline data add`."""
+
 from __future__ import annotations
 
 import json

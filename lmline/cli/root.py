@@ -4,6 +4,7 @@ Errors: commands just raise LmlineError. One handler, in the app's top-level gro
 prints it as `error: <message>` on one line and exits 1, for every command: under the `lmline`
 script (main) and under typer's CliRunner alike, which both run that group.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,12 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="overri
 
 @app.callback()
 def global_options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")
+    ] = False,
 ) -> None:
     """Global options apply to the stages a command runs, too (they travel in LMLINE_VERBOSITY)."""
     level = progress.configure(verbose, quiet)

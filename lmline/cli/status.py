@@ -4,6 +4,7 @@
 Prefect's modules are imported inside its query: they add a second to every `lmline` call, and only
 `status` (and `run`, which loads them anyway) needs them.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,21 +38,37 @@ def status(
     runs: Annotated[int, typer.Option(min=0, help="how many recent flow runs to list (needs PREFECT_API_URL)")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Where the workspace stands: stages up to date (DVC), champion and challenger (MLflow), last flow runs (Prefect)."""
+    """Where the workspace stands: stages up to date (DVC), champion and challenger (MLflow), last flow runs
+    (Prefect)."""
     cfg = config.load(params, None)
-    report = {"pipeline": pipeline_status(Path.cwd()), "registry": registry_status(cfg), "flow_runs": flow_run_status(runs)}
+    report = {
+        "pipeline": pipeline_status(Path.cwd()),
+        "registry": registry_status(cfg),
+        "flow_runs": flow_run_status(runs),
+    }
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
     typer.echo("Pipeline (dvc status)")
-    echo_table(["  stage", "state", "detail"], [[f"  {r['stage']}", r["state"], r["detail"]] for r in report["pipeline"]["stages"]])
+    echo_table(
+        ["  stage", "state", "detail"],
+        [[f"  {r['stage']}", r["state"], r["detail"]] for r in report["pipeline"]["stages"]],
+    )
     for section, title, where in (("registry", "Registry", "tracking_uri"), ("flow_runs", "Flow runs", "api")):
         part = report[section]
         typer.echo(f"\n{title} ({part[where] or 'PREFECT_API_URL not set'})")
         rows = part["models"] if section == "registry" else part["runs"]
         if section == "registry":
-            shown = [[f"  {r['model']}", f"@{r['alias']}", f"v{r['version']}", r["created"],
-                      ", ".join(f"{k} {v}" for k, v in r["metrics"].items())] for r in rows]
+            shown = [
+                [
+                    f"  {r['model']}",
+                    f"@{r['alias']}",
+                    f"v{r['version']}",
+                    r["created"],
+                    ", ".join(f"{k} {v}" for k, v in r["metrics"].items()),
+                ]
+                for r in rows
+            ]
         else:
             shown = [[f"  {r['started']}", r["flow"], r["name"], r["state"], r["duration"], r["url"]] for r in rows]
         echo_table(None, shown)
@@ -113,13 +130,21 @@ def registry_status(cfg: config.Params) -> dict:
                 continue
             tags = dict(mv.tags)
             metric = tags.get("lmline.eval.metric_name", cfg.promote.resolved(cfg.finetune.task).metric)
-            models.append({
-                "model": name,
-                "alias": alias,
-                "version": int(mv.version),
-                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                "metrics": {label.format(metric=metric): f"{float(tags[tag]):.4f}" for tag, label in STATUS_TAGS.items() if tags.get(tag)},
-            })
+            models.append(
+                {
+                    "model": name,
+                    "alias": alias,
+                    "version": int(mv.version),
+                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime(
+                        "%Y-%m-%d %H:%M"
+                    ),
+                    "metrics": {
+                        label.format(metric=metric): f"{float(tags[tag]):.4f}"
+                        for tag, label in STATUS_TAGS.items()
+                        if tags.get(tag)
+                    },
+                }
+            )
     note = "" if models else f"no champion yet for {cfg.project.name}-* (run `lmline run`)"
     return {"tracking_uri": uri, "models": models, "note": note}
 
@@ -139,13 +164,16 @@ def flow_run_status(limit: int) -> dict:
     with get_client(sync_client=True) as client:
         found = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=limit)
         flows = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in found}}
-    runs = [{
-        "started": r.start_time.strftime("%Y-%m-%d %H:%M") if r.start_time else "not started",
-        "flow": flows[r.flow_id],
-        "name": r.name,
-        "state": r.state.name if r.state else "unknown",
-        "duration": f"{r.total_run_time.total_seconds():.0f}s",
-        "url": f"{api.removesuffix('/api')}/runs/flow-run/{r.id}",
-        "id": str(r.id),
-    } for r in found]
+    runs = [
+        {
+            "started": r.start_time.strftime("%Y-%m-%d %H:%M") if r.start_time else "not started",
+            "flow": flows[r.flow_id],
+            "name": r.name,
+            "state": r.state.name if r.state else "unknown",
+            "duration": f"{r.total_run_time.total_seconds():.0f}s",
+            "url": f"{api.removesuffix('/api')}/runs/flow-run/{r.id}",
+            "id": str(r.id),
+        }
+        for r in found
+    ]
     return {"api": api, "runs": runs, "note": "" if runs else "no flow runs yet"}

@@ -3,6 +3,7 @@
 Prefect is imported inside the functions that need it: it adds about a second to every `lmline`
 call, and by the time a summary prints, the flow has loaded it anyway.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def print_summary(summary: dict) -> None:
 
     stages = summary["stages"]
     ran = sum(s["status"] == "ran" for s in stages)
-    typer.echo(f"\nlmline retrain: {ran} of {len(stages)} stages ran, {len(stages) - ran} cached by DVC, "
-               f"{sum(s['seconds'] for s in stages):.1f} s\n")
+    typer.echo(
+        f"\nlmline retrain: {ran} of {len(stages)} stages ran, {len(stages) - ran} cached by DVC, "
+        f"{sum(s['seconds'] for s in stages):.1f} s\n"
+    )
     rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
     echo_table(["stage", "status", "time", "key numbers"], rows)
 
@@ -32,28 +35,43 @@ def print_summary(summary: dict) -> None:
     if "task.accuracy" in ev:
         typer.echo("")
         name = f"{p['model']} v{p['candidate']}" if "model" in p else "fine-tuned model"
-        echo_table(["test split", "accuracy", "macro-F1"], [
-            [label, f"{ev[f'{key}.accuracy']:.4f}", f"{ev[f'{key}.macro_f1']:.4f}"]
-            for label, key in ((name, "task"), ("baseline: majority class", "baselines.majority"),
-                               ("baseline: TF-IDF + logistic regression", "baselines.tfidf_logreg"))
-            if f"{key}.accuracy" in ev
-        ])
+        echo_table(
+            ["test split", "accuracy", "macro-F1"],
+            [
+                [label, f"{ev[f'{key}.accuracy']:.4f}", f"{ev[f'{key}.macro_f1']:.4f}"]
+                for label, key in (
+                    (name, "task"),
+                    ("baseline: majority class", "baselines.majority"),
+                    ("baseline: TF-IDF + logistic regression", "baselines.tfidf_logreg"),
+                )
+                if f"{key}.accuracy" in ev
+            ],
+        )
     if "task.test_bits_per_byte" in ev:  # causal-lm: the tuned LM against the pretrained one, on the task's text
         typer.echo("")
         name = f"{p['model']} v{p['candidate']}" if "model" in p else "fine-tuned model"
-        echo_table(["finetune test text", "bits/byte", "perplexity"], [
-            [label, f"{ev[f'{key}.test_bits_per_byte']:.4f}", f"{ev[f'{key}.test_perplexity']:.4f}"]
-            for label, key in ((name, "task"), ("baseline: the pretrained model", "baselines.base_model"))
-            if f"{key}.test_bits_per_byte" in ev and f"{key}.test_perplexity" in ev
-        ])
+        echo_table(
+            ["finetune test text", "bits/byte", "perplexity"],
+            [
+                [label, f"{ev[f'{key}.test_bits_per_byte']:.4f}", f"{ev[f'{key}.test_perplexity']:.4f}"]
+                for label, key in ((name, "task"), ("baseline: the pretrained model", "baselines.base_model"))
+                if f"{key}.test_bits_per_byte" in ev and f"{key}.test_perplexity" in ev
+            ],
+        )
     if "lm.test_bits_per_byte" in ev:
         typer.echo(f"base LM test bits/byte: {ev['lm.test_bits_per_byte']:.4f}")
 
     typer.echo("")
     if "model" in p:
-        verdict = ("promoted to @champion" if p["promoted"] else "already @champion"
-                   if p["champion_after"] == p["candidate"] else "kept as @challenger" if p.get("challenger")
-                   else "not promoted")
+        verdict = (
+            "promoted to @champion"
+            if p["promoted"]
+            else "already @champion"
+            if p["champion_after"] == p["candidate"]
+            else "kept as @challenger"
+            if p.get("challenger")
+            else "not promoted"
+        )
         typer.echo(f"registry: {p['model']} v{p['candidate']} {verdict} ({p['reason']})")
     elif p:
         typer.echo(f"registry: {p.get('reason')}")
@@ -77,10 +95,15 @@ def ui_links(summary: dict, model: str | None) -> list[tuple[str, str]]:
     if uri.startswith("http"):
         mlflow_link = f"{uri.rstrip('/')}/#/models/{model}" if model else uri
     else:
-        mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (f"/#/models/{model}" if model else "")
+        mlflow_link = f"{tool('mlflow')} ui --backend-store-uri {uri}, then http://127.0.0.1:5000" + (
+            f"/#/models/{model}" if model else ""
+        )
     prefect_link = lineage.flow_run_link(summary["flow_run_id"], PREFECT_UI_URL.value(), tool("prefect"))
-    return [("MLflow", f"{mlflow_link}  (parent run {parent})"), ("Prefect", prefect_link),
-            ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html")]
+    return [
+        ("MLflow", f"{mlflow_link}  (parent run {parent})"),
+        ("Prefect", prefect_link),
+        ("plots", f"{tool('dvc')} plots show, then open dvc_plots/index.html"),
+    ]
 
 
 def tool(name: str) -> str:

@@ -254,8 +254,9 @@ def register_produced_models(params: Params, root: Path, stages: Iterable[str], 
             except MlflowException as exc:
                 if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                     raise
-            mv = c.create_model_version(name, source=f"models:/{logged}", run_id=run_id, tags=tags,
-                                        await_creation_for=0, model_id=logged)
+            mv = c.create_model_version(
+                name, source=f"models:/{logged}", run_id=run_id, tags=tags, await_creation_for=0, model_id=logged
+            )
             version, new = int(mv.version), True
             log.info("registered %s v%s from run %s", name, version, run_id)
         c.set_tag(run_id, "lmline.registered_model", name)
@@ -287,4 +288,3 @@ def publish_model_card(params: Params, root: Path, name: str, version: int | str
     except Exception as exc:
         log.warning("model card for %s v%s not written: %s", name, version, exc)
         return ""
-

@@ -209,8 +209,11 @@ def close_dead_runs(experiment_id: str) -> list[str]:
             client.set_tag(run.info.run_id, "lmline.closed_by", f"{process_owner()}: its process {owner} was gone")
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
-            log.warning("MLflow run %s (%s) was left RUNNING by a process that died: marked KILLED",
-                        run.info.run_id, run.data.tags.get("mlflow.runName", ""))
+            log.warning(
+                "MLflow run %s (%s) was left RUNNING by a process that died: marked KILLED",
+                run.info.run_id,
+                run.data.tags.get("mlflow.runName", ""),
+            )
     return closed
 
 
@@ -276,4 +279,3 @@ def run_tags(run_id: str) -> dict[str, str]:
     import mlflow
 
     return dict(mlflow.tracking.MlflowClient().get_run(run_id).data.tags)
-

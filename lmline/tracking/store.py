@@ -33,8 +33,10 @@ def check_server(uri: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> 
         return
     reason = health_error(uri, timeout_s)
     if reason:
-        raise LmlineError(f"the MLflow tracking server at {uri} does not answer ({reason}); "
-                          "start it or point MLFLOW_TRACKING_URI elsewhere")
+        raise LmlineError(
+            f"the MLflow tracking server at {uri} does not answer ({reason}); "
+            "start it or point MLFLOW_TRACKING_URI elsewhere"
+        )
 
 
 def health_error(base_url: str, timeout_s: float) -> str:
