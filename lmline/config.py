@@ -129,6 +129,11 @@ class TokenizeConfig(Section):
     """threads (Arrow, Rust); 0 = one per CPU core"""
     train_sample_mb: Annotated[float, Field(gt=0)] | None = 4.0
     """the BPE trains on a seeded sample of about this many MB of the train split; null = all of it"""
+    mix: dict[str, Annotated[float, Field(ge=0, le=100)]] = {}
+    """weight of each source's train-split documents in the packed train split (domain-adaptive pretraining):
+    w copies of each document, the fraction w - floor(w) as a seeded subset. Pretrain-role sources default
+    to 1; a finetune-role source is packed only when given a weight > 0, and only its train split (its
+    labels dropped; never val/test, so pretrain's val/test stay the pretrain role's). Seeded by project.seed"""
 
 
 # ---------------------------------------------------------------- pretrain
@@ -392,6 +397,9 @@ class Params(Section):
         for src in self.clean.filters:
             if src not in names:
                 raise ValueError(f"clean.filters.{src} names no source in ingest.sources")
+        for src in self.tokenize.mix:
+            if src not in names:
+                raise ValueError(f"tokenize.mix.{src} names no source in ingest.sources")
         ft = [s.name for s in self.ingest.sources if s.role == "finetune"]
         if self.finetune.source is not None and self.finetune.source not in ft:
             raise ValueError(f"finetune.source {self.finetune.source!r} is not a finetune-role source ({ft})")

@@ -9,7 +9,10 @@ Writes <tokenizer>/  a transformers fast tokenizer (AutoTokenizer.from_pretraine
                            and bytes_per_token. `tokens` counts the eos after each document and
                            `bytes` (the documents' UTF-8) does not, so a mean loss per token L gives
                            L / ln 2 / bytes_per_token bits per byte.
-The fine-tuning role is not packed: the finetune stage tokenises its labelled rows itself.
+The fine-tuning role's val and test splits are never packed (the finetune stage tokenises its labelled
+rows itself). Domain-adaptive pretraining: `tokenize.mix` weights each source's train-split documents in
+the packed train split, and may add a finetune-role source's train-split text (labels dropped) to it;
+the val and test splits stay the pretraining role's, so bits/byte stays comparable (`mixed_train`).
 
 Speed (bench/data_stages.py measures it; the target is >= 10 MB/s on 2 cores). Hugging Face's
 pipeline spends ~1 µs on every pre-token and ~10 µs on every input string: `encode_batch` runs at
@@ -56,7 +59,8 @@ from lmline.errors import LmlineError
 from lmline.io import atomic_path, write_json
 
 SPLITS = ("train", "val", "test")
-ROLE = "pretrain"  # only the pretraining role is packed; finetune tokenises its own rows
+ROLE = "pretrain"  # the pretraining role is packed whole; finetune's train split only through tokenize.mix
+FINETUNE_ROLE = "finetune"
 
 # Where documents are cut into segments: between a non-space character and a following space, tab or
 # newline. That is always a boundary of the byte-level (GPT-2) pre-tokenizer: none of its regex's
@@ -93,6 +97,45 @@ def read_texts(path: Path) -> pa.Array:
     if texts.null_count:
         raise LmlineError(f"{path}: row {pc.index(pc.is_null(texts), True).as_py()} has no text")
     return texts.cast(pa.large_string())  # 64-bit offsets: a split may hold more than 2 GB of text
+
+
+def read_sources(path: Path) -> pa.Table:
+    texts = read_texts(path)
+    try:
+        sources = pq.ParquetFile(path).read(columns=["source"])
+    except (OSError, ValueError) as exc:
+        raise LmlineError(f"{path}: not a readable parquet file ({exc})") from None
+    if "source" not in sources.column_names:
+        raise LmlineError(f"{path}: no `source` column (tokenize.mix weighs documents by source)")
+    return pa.table({"text": texts, "source": sources.column("source").combine_chunks()})
+
+
+def weighted(table: pa.Table, weights: dict[str, float], default: float, rng: np.random.Generator) -> pa.Array:
+    """Each source's documents repeated floor(w) times plus a seeded subset of the fraction w - floor(w)."""
+    pieces = []
+    for source in sorted(set(table.column("source").to_pylist())):
+        texts = table.filter(pc.equal(table.column("source"), source)).column("text").combine_chunks()
+        weight = weights.get(source, default)
+        whole, fraction = int(weight), weight - int(weight)
+        pieces += [texts] * whole
+        if fraction > 0:
+            keep = np.sort(rng.permutation(len(texts))[: round(fraction * len(texts))])
+            pieces.append(texts.take(keep))
+    return pa.concat_arrays(pieces) if pieces else pa.array([], pa.large_string())
+
+
+def mixed_train(clean_dir: Path, train_path: Path, mix: dict[str, float], seed: int) -> pa.Array:
+    """The packed train split: the pretraining role's train documents (weight 1 unless tokenize.mix says
+    otherwise) and the finetune role's train documents weighted by tokenize.mix (default 0: none).
+    Only train splits: a finetune source's val/test text never reaches pretraining."""
+    if not mix:
+        return read_texts(train_path)
+    rng = np.random.default_rng(seed)
+    parts = [weighted(read_sources(train_path), mix, 1.0, rng)]
+    finetune_train = Path(clean_dir) / FINETUNE_ROLE / "train.parquet"
+    if finetune_train.is_file():
+        parts.append(weighted(read_sources(finetune_train), mix, 0.0, rng))
+    return pa.concat_arrays([p.cast(pa.large_string()) for p in parts])
 
 
 def utf8_bytes(texts: pa.Array) -> int:
@@ -288,7 +331,8 @@ def run(cfg: TokenizeConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
     threads = worker_count(cfg.num_proc)
     started = time.perf_counter()
     paths = split_paths(inputs["clean"])
-    texts = {split: read_texts(path) for split, path in paths.items()}
+    texts = {split: read_texts(path) for split, path in paths.items() if split != "train"}
+    texts["train"] = mixed_train(inputs["clean"], paths["train"], cfg.mix, seed)
     if not len(texts["train"]):
         raise LmlineError(f"{paths['train']}: no documents to train the tokenizer on")
 

@@ -298,3 +298,65 @@ def test_train_sample_mb_must_be_positive(make_params):
                 "tokenize": {"train_sample_mb": 0},
             }
         )
+
+
+# ---------------------------------------------------------------- tokenize.mix (domain-adaptive pretraining)
+def write_labelled(root, splits: dict[str, list[str]], source: str = "reviews") -> None:
+    """A finetune-role source as clean writes it: text and a label per row."""
+    out = root / "data" / "clean" / "finetune"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        labels = ["pos", "neg"] * (len(texts) // 2) + ["pos"] * (len(texts) % 2)
+        table = pa.table({"id": [f"{split}-{i}" for i in range(len(texts))], "source": [source] * len(texts)})
+        pq.write_table(
+            table.append_column("text", pa.array(texts)).append_column("label", pa.array(labels)),
+            out / f"{split}.parquet",
+        )
+
+
+def test_mix_packs_the_finetune_train_split_weighted_and_never_its_val_or_test(workspace):
+    pretrain_splits = {"train": corpus(20, seed=1), "val": corpus(3, seed=2), "test": corpus(3, seed=3)}
+    write_clean(workspace, pretrain_splits)
+    reviews = {"train": [f"a glorious mess number {i}" for i in range(10)], "val": ["VALTEXT zz"], "test": ["TESTTEXT"]}
+    write_labelled(workspace, reviews)
+    metrics, outputs = run_stage(section(mix={"reviews": 2.5}))
+    meta = read_json(outputs["tokens"] / "meta.json")
+    assert meta["splits"]["train"]["documents"] == 20 + 2 * 10 + 5  # floor(2.5) copies + a seeded half
+    assert meta["splits"]["val"]["documents"] == 3 and meta["splits"]["test"]["documents"] == 3
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(outputs["tokenizer"])
+    train_text = "".join(loaded.decode(d) for d in unpack(outputs["tokens"] / "train.bin", meta))
+    assert "a glorious mess number 7" in train_text and "pos" not in train_text  # text, not labels
+    for split in ("val", "test"):
+        text = "".join(loaded.decode(d) for d in unpack(outputs["tokens"] / f"{split}.bin", meta))
+        assert "VALTEXT" not in text and "TESTTEXT" not in text and "glorious" not in text
+    again = tokenize.mixed_train(
+        workspace / "data" / "clean", workspace / "data/clean/pretrain/train.parquet", {"reviews": 2.5}, SEED
+    )
+    assert (
+        again.to_pylist()
+        == tokenize.mixed_train(
+            workspace / "data" / "clean", workspace / "data/clean/pretrain/train.parquet", {"reviews": 2.5}, SEED
+        ).to_pylist()
+    )
+
+
+def test_without_a_mix_weight_the_finetune_role_is_not_packed(workspace):
+    write_clean(workspace, {"train": corpus(20, seed=1), "val": corpus(3, seed=2), "test": corpus(3, seed=3)})
+    write_labelled(workspace, {"train": ["a glorious mess"] * 10, "val": ["v"], "test": ["t"]})
+    _, outputs = run_stage(section())
+    assert read_json(outputs["tokens"] / "meta.json")["splits"]["train"]["documents"] == 20
+    _, outputs = run_stage(section(mix={"test": 0.5}))  # a pretrain-role source can be down-weighted
+    assert read_json(outputs["tokens"] / "meta.json")["splits"]["train"]["documents"] == 10
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [({"nope": 1.0}, r"tokenize\.mix\.nope names no source"), ({"d": -1}, r"tokenize\.mix\.d must be >= 0")],
+)
+def test_mix_weights_are_validated(make_params, mix, message):
+    with pytest.raises(config.ConfigError, match=message):
+        make_params(
+            {"ingest": {"sources": [{"name": "d", "type": "text_files", "path": "corpus/x"}]}, "tokenize": {"mix": mix}}
+        )
