@@ -4,6 +4,7 @@ model against both baselines (TF-IDF + logistic regression, majority class), acc
 over seeds, side by side; writes bench/results/finetune.json.
 
     python bench/finetune.py                                        # params.yaml as it is, seeds 1 2 3
+    python bench/finetune.py --merge a.json b.json                  # one summary of earlier runs
     python bench/finetune.py --variant base: --variant dapt4:tokenize.mix.rotten_tomatoes=4 \\
         --steps pretrain=600,finetune=300 --seeds 1 2 3
 
@@ -181,7 +182,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", help="step budgets, e.g. pretrain=600,finetune=300 (default: params' time budgets)")
     ap.add_argument("--set", action="append", default=[], help="an override for every variant")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", type=Path, nargs="+", help="summarize the runs of earlier result files, run nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        files = [json.loads(p.read_text()) for p in args.merge]
+        runs = [r for f in files for r in f["runs"]]
+        report = {
+            "merged": [str(p) for p in args.merge],
+            "variants": {k: v for f in files for k, v in f["variants"].items()},
+        }
+        report.update(base_overrides=files[0]["base_overrides"], summary=summarize(runs), runs=runs)
+        write_json(args.out, report)
+        print(table(report["summary"]))
+        return report
     variants = dict(parse_variant(v) for v in (args.variant or ["params:"]))
     base = [*args.set, *step_overrides(args.steps)]
     runs: list[dict] = []
