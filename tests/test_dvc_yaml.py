@@ -94,3 +94,11 @@ def test_stage_params_are_what_its_run_reads(stage):
     assert names[1:] == (["seed"] if facts.uses_seed else []) + ["inputs", "outputs"]
     assert ("seed" in names) == (stages.SEED_KEY in dvc_params()[stage])
     assert config.stage_args(PARAMS, stage).keys() == set(names) - {"inputs", "outputs"}  # what the shell passes
+
+
+@pytest.mark.parametrize("stage", stages.NAMES)
+def test_the_lineage_tags_resolve_a_stages_deps_as_dvc_does(stage):
+    # lineage.stage_deps reads dvc.yaml and params.yaml itself (DVC's resolver cost every stage ~1.5 s)
+    from lmline.tracking import lineage
+
+    assert lineage.stage_deps(stage, REPO) == lineage.dvc_resolved_deps(stage, REPO)
