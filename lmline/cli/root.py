@@ -59,7 +59,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="overri
 @app.callback()
 def global_options(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="lmline's debug logs and every stage's own output (libraries: INFO at the lowest)"
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")
