@@ -12,6 +12,16 @@ the clean pretraining documents, all splits). Seconds are wall-clock around run(
 are excluded. CPU timings drift on shared machines: rounds alternate the stages (and the baselines),
 the summary gives the median, with the CPU seconds (all threads) beside it and the load average.
 
+--whole BASELINE_TREE times whole stages, the issue's measure: `lmline stage NAME` (ingest, clean,
+tokenize) as a process, from its start to its exit, imports and MLflow included, in this tree and in
+BASELINE_TREE (a checkout of main, say), each in its own workspace (the tree itself: data/, metrics/,
+mlflow.db), alternating which tree goes first each round so both see the same load. It reports each
+side's median ± sd, the ratios, mb_per_s as the stages define it (lmline.stage_process.throughput:
+input MB / whole-process seconds, here the subprocess's wall) and whether the two trees' data/ outputs
+are byte-identical. Results go to bench/results/data_stages_whole.json.
+
+    python bench/data_stages.py --whole /work/wt/main-checkout --rounds 3
+
 --baselines answers "why not plain Hugging Face": the train split encoded by tokenizers'
 encode_batch_fast with its Rust threads on, by datasets.map(num_proc=N) around the same call, and by
 the stage's encoder with 1 and N threads (N = tokenize.num_proc, 0 = cores), alternately, with
@@ -127,6 +137,82 @@ def baselines(params: config.Params, rounds: int) -> dict:
     return {name: {**summary(s, mb), "speedup": round(first / statistics.median(s), 2)} for name, s in seconds.items()}
 
 
+WHOLE_RESULTS = REPO / "bench" / "results" / "data_stages_whole.json"
+WHOLE_STAGES = ("ingest", "clean", "tokenize")
+OUTPUTS = ("raw", "clean", "tokenizer", "tokens")  # params.paths keys of the data stages' outputs
+
+
+def stage_wall(tree: Path, stage: str) -> float:
+    """Wall seconds of one `lmline stage STAGE` process run from `tree`, on `tree`'s own code and workspace."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(tree), "LMLINE_VERBOSITY": "quiet"}
+    env.pop("LMLINE_PARENT_RUN_ID", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmline.cli", "stage", stage], cwd=tree, env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{tree}: lmline stage {stage} failed:\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def tree_digests(tree: Path, params: config.Params) -> dict[str, str]:
+    """sha256 of every file of the data stages' outputs, by path relative to the tree."""
+    import hashlib
+
+    digests = {}
+    for key in OUTPUTS:
+        for path in sorted((tree / getattr(params.paths, key)).rglob("*")):
+            if path.is_file():
+                digests[str(path.relative_to(tree))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def whole_stages(baseline: Path, params: config.Params, rounds: int) -> dict:
+    """Whole `lmline stage` processes, this tree against `baseline`, alternating; see the docstring."""
+    trees = {"baseline": baseline.resolve(), "this": REPO}
+    load_before = os.getloadavg()
+    for tree in trees.values():  # untimed: creates each tree's mlflow.db and warms the sample cache
+        stage_wall(tree, "ingest")
+    seconds: dict[str, dict[str, list[float]]] = {side: {s: [] for s in WHOLE_STAGES} for side in trees}
+    for i in range(rounds):
+        order = list(trees) if i % 2 == 0 else list(reversed(trees))
+        for stage in WHOLE_STAGES:  # a stage reads what the one before wrote, in the same tree
+            for side in order:
+                seconds[side][stage].append(stage_wall(trees[side], stage))
+    mb = {
+        stage: json.loads((REPO / params.paths.metrics / f"{stage}.json").read_text())["mb_in"]
+        for stage in WHOLE_STAGES
+    }
+    digests = {side: tree_digests(tree, params) for side, tree in trees.items()}
+    result = {
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "rounds": rounds,
+        "trees": {side: str(tree) for side, tree in trees.items()},
+        "mb_in": mb,
+        "outputs_byte_identical": digests["baseline"] == digests["this"],
+        "output_files": len(digests["this"]),
+    }
+    for stage in WHOLE_STAGES:
+        per = {}
+        for side in trees:
+            s = seconds[side][stage]
+            per[side] = {
+                "seconds": [round(x, 3) for x in s],
+                "median_seconds": round(statistics.median(s), 3),
+                "mean_seconds": round(statistics.mean(s), 3),
+                "sd_seconds": round(statistics.stdev(s), 3) if len(s) > 1 else 0.0,
+                "mb_per_s": round(mb[stage] / statistics.median(s), 3),
+            }
+        per["baseline_over_this"] = round(per["baseline"]["median_seconds"] / per["this"]["median_seconds"], 3)
+        result[stage] = per
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
@@ -134,9 +220,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only-tokenize", action="store_true", help="run clean once, untimed; time tokenize")
     parser.add_argument("--baselines", action="store_true", help="also time other ways to encode the train split")
+    parser.add_argument("--whole", type=Path, metavar="BASELINE_TREE", help="time whole stages against this tree")
     args = parser.parse_args()
 
     params = config.load(args.params, args.overrides)
+    if args.whole:
+        result = whole_stages(args.whole, params, args.rounds)
+        print(json.dumps(result, indent=2))
+        write_json(WHOLE_RESULTS, result)
+        return
     stages = ["tokenize"] if args.only_tokenize else ["clean", "tokenize"]
     load_before, home = os.getloadavg(), Path.cwd()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:

@@ -39,9 +39,10 @@ SEED_KEY = "project.seed"
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", ("ingest",), "cpu", ("documents", "bytes")),
+        # mb_per_s: input MB over the whole stage process (lmline.stage_process.throughput), one definition
+        Stage("ingest", ("ingest",), "cpu", ("documents", "mb_per_s")),
         Stage("clean", ("clean", SEED_KEY), "cpu", ("docs_out", "mb_per_s")),
-        Stage("tokenize", ("tokenize", SEED_KEY), "cpu", ("vocab_size", "splits.train.bytes_per_token")),
+        Stage("tokenize", ("tokenize", SEED_KEY), "cpu", ("vocab_size", "splits.train.bytes_per_token", "mb_per_s")),
         Stage(
             "pretrain",
             ("pretrain", SEED_KEY),

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -371,7 +370,6 @@ def write_drops_csv(path: Path, per_source: dict) -> None:
 def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     """raw/*.jsonl -> clean/<role>/{train,val,test}.parquet and the drops CSV; returns the metrics.
     `seed` (project.seed) places documents in splits and seeds MinHash."""
-    started = time.perf_counter()
     files = raw_files(inputs["raw"])
     with atomic_path(outputs["clean"]) as clean_dir, quiet_datatrove(), executor_session(cfg) as slots:
         workers = cfg.workers or slots
@@ -384,7 +382,6 @@ def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str,
         check_every_source_kept_some(per_source)
         splits = write_splits(docs, clean_dir, {t["role"] for t in tally.values()}, seed, cfg)
     write_drops_csv(outputs["drops"], per_source)
-    seconds = time.perf_counter() - started
     mb_in = sum(t["bytes_in"] for t in tally.values()) / 1e6
     pii = {kind: sum(d["metadata"].get("pii", {}).get(kind, 0) for d in docs) for kind in PLACEHOLDERS}
     return {
@@ -395,6 +392,5 @@ def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str,
         "pii_replaced": pii if cfg.pii.enabled else {},
         "splits": splits,
         "workers": workers,
-        "mb_in": round(mb_in, 3),
-        "mb_per_s": round(mb_in / seconds, 3),
+        "mb_in": round(mb_in, 3),  # mb_per_s is the shell's, over the whole stage process (lmline/stage_process.py)
     }

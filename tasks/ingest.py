@@ -331,7 +331,10 @@ def run(cfg: IngestConfig, inputs: dict[str, Path], outputs: dict[str, Path]) ->
             records = [to_record(source, doc) for doc in docs]
             write_jsonl(raw / f"{source.name}.jsonl", records)
             per_source[source.name] = source_metrics(records, counts)
-    return {"sources": per_source, "totals": totals(per_source)}
+    summed = totals(per_source)
+    # mb_in: what every data stage reports, its input as 10^6 bytes of UTF-8 document text (the shell
+    # turns it into mb_per_s over the whole stage process: lmline/stage_process.py)
+    return {"sources": per_source, "totals": summed, "mb_in": round(summed["bytes"] / 1e6, 3)}
 
 
 # ---------------------------------------------------------------- `lmline sources`

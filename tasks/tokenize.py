@@ -329,7 +329,6 @@ def worker_count(num_proc: int) -> int:
 # ---------------------------------------------------------------- stage
 def run(cfg: TokenizeConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     threads = worker_count(cfg.num_proc)
-    started = time.perf_counter()
     paths = split_paths(inputs["clean"])
     texts = {split: read_texts(path) for split, path in paths.items() if split != "train"}
     texts["train"] = mixed_train(inputs["clean"], paths["train"], cfg.mix, seed)
@@ -372,14 +371,14 @@ def run(cfg: TokenizeConfig, seed: int, inputs: dict[str, Path], outputs: dict[s
         write_json(tokens_dir / "meta.json", meta)
 
     total_mb = sum(v["bytes"] for v in splits.values()) / 1e6
-    seconds = time.perf_counter() - started
     return {
         "vocab_size": vocab_size,
         "splits": {s: {**v, "bytes_per_token": bytes_per_token[s]} for s, v in splits.items()},
         "train_sample_mb": round(sum(len(t.encode("utf-8")) for t in sample) / 1e6, 3),
         "tokenizer_train_seconds": round(train_seconds, 3),
         "encode_seconds": round(encode_seconds, 3),
+        # the encoding alone; the stage's mb_per_s (over its whole process) is the shell's: lmline/stage_process.py
         "encode_mb_per_s": round(total_mb / encode_seconds, 2),
-        "total_mb_per_s": round(total_mb / seconds, 2),
+        "mb_in": round(total_mb, 3),
         "threads": threads,
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from lmline import config, stages
+from lmline import config, stages, vcs
 
 
 def project_imports(module_file: Path, seen: set[Path] | None = None) -> set[Path]:
@@ -94,3 +94,9 @@ def test_stage_params_are_what_its_run_reads(stage):
     assert names[1:] == (["seed"] if facts.uses_seed else []) + ["inputs", "outputs"]
     assert ("seed" in names) == (stages.SEED_KEY in dvc_params()[stage])
     assert config.stage_args(PARAMS, stage).keys() == set(names) - {"inputs", "outputs"}  # what the shell passes
+
+
+@pytest.mark.parametrize("stage", stages.NAMES)
+def test_the_lineage_tags_resolve_a_stages_deps_as_dvc_does(stage):
+    # vcs.stage_deps reads dvc.yaml and params.yaml itself (DVC's resolver cost every stage ~1.5 s)
+    assert vcs.stage_deps(stage, REPO) == vcs.dvc_resolved_deps(stage, REPO)

@@ -380,7 +380,12 @@ def test_cli_stage_shows_the_binary_drop_count_in_its_output_and_metrics(make_pa
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)["ingest"]
     assert shown["sources"]["docs"]["binary_files"] == 1 and shown["sources"]["docs"]["documents"] == 1
-    assert json.loads(Path("metrics/ingest.json").read_text())["totals"]["binary_files"] == 1
+    written = json.loads(Path("metrics/ingest.json").read_text())
+    assert written["totals"]["binary_files"] == 1
+    # the one MB/s of every data stage: its input MB over the whole stage process (lmline.stage_process)
+    assert written["mb_in"] == round(written["totals"]["bytes"] / 1e6, 3)
+    assert written["process_seconds"] >= written["stage_seconds"]
+    assert written["mb_per_s"] == pytest.approx(written["mb_in"] / written["process_seconds"], abs=1e-3)
 
 
 def test_cli_sources_lists_sizes_and_unfetched_samples(make_params, tmp_path, monkeypatch):

@@ -59,7 +59,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="overri
 @app.callback()
 def global_options(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="debug logs, library logs and every stage's own output")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="lmline's debug logs and every stage's own output (libraries: INFO at the lowest)"
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="no progress bars or logs: warnings, errors and results only")
@@ -73,6 +76,14 @@ def global_options(
     console = progress.BarSafeHandler() if progress.stream() is sys.stderr else logging.StreamHandler()
     console.setLevel(level)  # libraries' loggers (Prefect's) set their own levels: gate what reaches the terminal
     console.addFilter(progress.console_filter)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[console])
-    for noisy in ("httpx", "alembic", "urllib3", "filelock", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else max(level, logging.WARNING))
+    # --verbose adds lmline's own DEBUG lines and the stages' output (console_filter lets it through);
+    # the root logger, which every library inherits from, never goes below INFO: at DEBUG it printed
+    # hundreds of httpcore, websockets, graphviz, pydot and GitPython lines per run.
+    logging.basicConfig(
+        level=max(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s", handlers=[console]
+    )
+    for own in progress.OWN_LOGGERS:
+        logging.getLogger(own).setLevel(level)
+    for noisy in progress.NOISY_LOGGERS:  # their INFO is per request or per table: noise even with --verbose
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else max(level, logging.WARNING))

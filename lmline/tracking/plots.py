@@ -26,6 +26,8 @@ def _curves(ax, rows: list[dict], columns: list[str]) -> None:
 def plot_figures(stage: str, outputs: dict) -> dict:
     """The plots dvc.yaml defines, as matplotlib figures named like their CSV: loss curves, the per-rule
     cleaning drops, the confusion matrix. Only from files the stage wrote."""
+    if not any(outputs.get(key) and Path(outputs[key]).exists() for key in ("loss", "drops", "confusion")):
+        return {}  # nothing to draw (ingest, tokenize): skip matplotlib's import, ~1 s of every such stage
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
@@ -77,6 +79,8 @@ def log_plot_images(stage: str, outputs: dict) -> None:
     import mlflow
 
     figures = plot_figures(stage, outputs)
+    if not figures:
+        return
     import matplotlib.pyplot as plt  # after plot_figures chose the Agg backend
 
     for name, fig in figures.items():
