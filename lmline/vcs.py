@@ -220,8 +220,9 @@ VARIABLE = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
 
 def stage_deps(stage: str, root: Path) -> list[str]:
     """The stage's deps as `dvc repro` resolves them. dvc.yaml interpolates only ${paths.*}, from
-    params.yaml (DVC's default vars): resolved here with yaml alone. DVC's own resolver (dvc.repo.Repo)
-    took ~1.5 s of every stage process; it stays the fallback for anything else dvc.yaml may hold."""
+    params.yaml (DVC's default vars): resolved here with yaml alone, because DVC's own resolver
+    (dvc.repo.Repo) opens the whole repo, the largest start-up cost of a stage process after MLflow
+    (cProfile). It stays the fallback for anything else dvc.yaml may hold."""
 
     entry = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage)
     if entry is None or "foreach" in entry or "matrix" in entry or "vars" in entry:

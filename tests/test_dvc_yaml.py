@@ -98,5 +98,5 @@ def test_stage_params_are_what_its_run_reads(stage):
 
 @pytest.mark.parametrize("stage", stages.NAMES)
 def test_the_lineage_tags_resolve_a_stages_deps_as_dvc_does(stage):
-    # vcs.stage_deps reads dvc.yaml and params.yaml itself (DVC's resolver cost every stage ~1.5 s)
+    # vcs.stage_deps reads dvc.yaml and params.yaml itself (DVC's resolver is slow to open)
     assert vcs.stage_deps(stage, REPO) == vcs.dvc_resolved_deps(stage, REPO)
