@@ -60,7 +60,15 @@ FAULT_PARAMS = tiny_params(
     },
 )
 # Not a result of training: timing, and which attempt or MLflow run produced the numbers.
-NOT_RESULTS = {"tokens_per_second", "train_seconds", "mfu", "stage_seconds", "mlflow_run_id", "resumed_from_step"}
+NOT_RESULTS = {
+    "tokens_per_second",
+    "train_seconds",
+    "mfu",
+    "stage_seconds",
+    "startup_seconds",
+    "mlflow_run_id",
+    "resumed_from_step",
+}
 
 
 def stage_env(root: Path) -> dict:
