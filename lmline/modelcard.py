@@ -113,6 +113,11 @@ def architecture_section(params: Params, metrics: dict, is_base: bool) -> list[s
     return ["## Architecture", "", *table(["", ""], rows), ""]
 
 
+def stopped(metrics: dict, budget) -> str:
+    """Why training ended, beside the budget it had (a pretrain or finetune section)."""
+    return f"{metrics.get('stopped_by')} (budget {num(budget.max_steps)} steps / {budget.max_minutes:g} min)"
+
+
 def budget_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
     pre = metrics.get("pretrain") or {}
     rows = []
@@ -123,8 +128,7 @@ def budget_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
                 num(pre.get("steps")),
                 f"{num(pre.get('tokens_seen'))} tokens",
                 num(pre.get("train_seconds"), 1),
-                f"{pre.get('stopped_by')} "
-                f"(budget {num(params.pretrain.max_steps)} steps / {params.pretrain.max_minutes:g} min)",
+                stopped(pre, params.pretrain),
                 f"{pre.get('precision')} × {pre.get('devices')}, {num(pre.get('tokens_per_second'), 1)} tokens/s",
             ]
         )
@@ -136,8 +140,7 @@ def budget_section(params: Params, metrics: dict, is_base: bool) -> list[str]:
                 num(ft.get("steps")),
                 f"{num(ft.get('train_examples'))} examples",
                 num(ft.get("train_seconds"), 1),
-                f"{ft.get('stopped_by')} "
-                f"(budget {num(params.finetune.max_steps)} steps / {params.finetune.max_minutes:g} min)",
+                stopped(ft, params.finetune),
                 f"best checkpoint at step {num(ft.get('best_step'))}",
             ]
         )

@@ -6,6 +6,8 @@ a stage to another worker's clone) and the CLI all reach git and DVC through the
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import shutil
@@ -17,6 +19,8 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from lmline.errors import LmlineError
+
+log = logging.getLogger(__name__)
 
 GIT_REMOTE = "origin"  # where snapshots go and workers fetch from
 # Snapshots are machine commits: same author everywhere, whatever the host's git config says.
@@ -201,3 +205,52 @@ def record_lock_entry(root: Path, stage: str, entry: dict) -> None:
     with modify_yaml(root / "dvc.lock") as lock:
         lock.setdefault("schema", "2.0")
         lock.setdefault("stages", {})[stage] = entry
+
+
+# ---------------------------------------------------------------- facts a run is tagged with
+def git_info(root: Path) -> dict[str, str]:
+    """The commit a run's code comes from, and whether tracked files differ from it. Best effort (a run
+    outside git is tagged `unknown`): lineage never fails a stage."""
+
+    def best_effort(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = best_effort("rev-parse", "HEAD")
+    dirty = best_effort("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
+
+
+def _md5(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "md5").hexdigest()
+
+
+def dvc_dep_hashes(stage: str, root: Path) -> dict[str, str]:
+    """DVC hashes of the stage's deps: a dir's hash from dvc.lock (where an upstream stage recorded
+    it as an out), a file's plain md5 (what DVC 3 records for files)."""
+    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
+    if not dvc_yaml.exists():
+        return {}
+    from dvc.repo import Repo  # resolves ${paths.*} interpolation the way `dvc repro` does
+
+    try:
+        with Repo(str(root)) as repo:
+            st = next((s for s in repo.index.stages if getattr(s, "name", None) == stage), None)
+            deps = [str(Path(d.def_path)) for d in st.deps] if st else []
+    except Exception as exc:  # lineage is best effort; never fail a stage over it
+        log.debug("could not read dvc.yaml deps: %s", exc)
+        return {}
+    recorded: dict[str, str] = {}
+    if lock.exists():
+        for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in entry.get("outs", []):
+                recorded[str(Path(out["path"]))] = out.get("md5", "")
+    hashes = {}
+    for dep in deps:
+        p = root / dep
+        if p.is_file():
+            hashes[f"dvc.dep.{dep}"] = _md5(p)
+        elif dep in recorded:
+            hashes[f"dvc.dep.{dep}"] = recorded[dep]
+    return hashes

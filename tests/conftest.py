@@ -183,6 +183,24 @@ def make_dvc_repo(root: Path, params: dict) -> Path:
 BIN = Path(sys.executable).parent
 
 
+def mlflow_server(port: int, backend_store_uri: str, artifacts: str | Path) -> list[str]:
+    """`mlflow server` on loopback with one worker, artifacts proxied by the server."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--workers",
+        "1",
+    ]
+
+
 def free_port() -> int:
     import socket
 
@@ -278,23 +296,7 @@ def served_pipeline(tmp_path_factory, mlflow_template):
                 "prefect-server",
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
             ),
-            start(
-                "mlflow-server",
-                [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(mlflow_port),
-                    "--backend-store-uri",
-                    f"sqlite:///{root / 'mlflow.db'}",
-                    "--artifacts-destination",
-                    str(root / "mlartifacts"),
-                    "--workers",
-                    "1",
-                ],
-            ),
+            start("mlflow-server", mlflow_server(mlflow_port, f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts")),
         ]
         wait_for(lambda: answers(f"{api}/health"), "the Prefect server", 180, servers)
         wait_for(lambda: answers(f"{mlflow_url}/health"), "the MLflow server", 180, servers)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_dvc_repo, tiny_params
+from conftest import REPO, make_dvc_repo, mlflow_server, tiny_params
 
 from lmline import OFFLINE_ENV, config
 from lmline.config import ConfigError
@@ -313,21 +313,10 @@ def prod(tmp_path_factory):
             # endpoint; the workers need the S3 credentials for DVC
             start(
                 "mlflow-server",
-                [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(mlflow_port),
-                    # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
-                    "--backend-store-uri",
-                    pg["mlflow"].replace("postgresql:", "postgresql+psycopg2:"),
-                    "--artifacts-destination",
-                    f"s3://{BUCKET}/mlflow",
-                    "--workers",
-                    "1",
-                ],
+                # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
+                mlflow_server(
+                    mlflow_port, pg["mlflow"].replace("postgresql:", "postgresql+psycopg2:"), f"s3://{BUCKET}/mlflow"
+                ),
                 root,
                 {"MLFLOW_S3_ENDPOINT_URL": s3_url},
             ),

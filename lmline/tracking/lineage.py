@@ -1,68 +1,16 @@
-"""Where a run and a registered version come from: the git commit and DVC dep hashes a stage run is
-tagged with, the Prefect flow run behind a pipeline run, and `lineage()`, which reads them all back
-for a registered version (and, recursively, the base model it was fine-tuned from).
-
-The git and DVC facts are best effort: a stage never fails because they cannot be read.
+"""Where a run and a registered version come from: the Prefect flow run behind a pipeline run, and
+`lineage()`, which reads back the git and DVC facts a stage run was tagged with (lmline.vcs gathers
+them) for a registered version and, recursively, the base model it was fine-tuned from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import subprocess
-from pathlib import Path
 
 from lmline.errors import LmlineError
 from lmline.tracking.store import client, tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-def git_info(root: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
-
-
-def _md5(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "md5").hexdigest()
-
-
-def dvc_dep_hashes(stage: str, root: Path) -> dict[str, str]:
-    """DVC hashes of the stage's deps: a dir's hash from dvc.lock (where an upstream stage recorded
-    it as an out), a file's plain md5 (what DVC 3 records for files)."""
-    import yaml
-
-    dvc_yaml, lock = root / "dvc.yaml", root / "dvc.lock"
-    if not dvc_yaml.exists():
-        return {}
-    from dvc.repo import Repo  # resolves ${paths.*} interpolation the way `dvc repro` does
-
-    try:
-        with Repo(str(root)) as repo:
-            st = next((s for s in repo.index.stages if getattr(s, "name", None) == stage), None)
-            deps = [str(Path(d.def_path)) for d in st.deps] if st else []
-    except Exception as exc:  # lineage is best effort; never fail a stage over it
-        log.debug("could not read dvc.yaml deps: %s", exc)
-        return {}
-    recorded: dict[str, str] = {}
-    if lock.exists():
-        for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for out in entry.get("outs", []):
-                recorded[str(Path(out["path"]))] = out.get("md5", "")
-    hashes = {}
-    for dep in deps:
-        p = root / dep
-        if p.is_file():
-            hashes[f"dvc.dep.{dep}"] = _md5(p)
-        elif dep in recorded:
-            hashes[f"dvc.dep.{dep}"] = recorded[dep]
-    return hashes
 
 
 def model_version(uri: str):

@@ -19,9 +19,9 @@ from typing import Any, Iterator
 
 from lmline.config import Params, flatten
 from lmline.stages import PIPELINE_TASK, REGISTERED, STAGES, model_name, pipeline_task
-from lmline.tracking.lineage import dvc_dep_hashes, git_info
 from lmline.tracking.plots import log_plot_images
 from lmline.tracking.store import setup
+from lmline.vcs import dvc_dep_hashes, git_info
 
 PARENT_ENV = "LMLINE_PARENT_RUN_ID"
 MLFLOW_PARAM_LIMIT = 6000  # MLflow rejects longer param values: those go in as an artifact instead
