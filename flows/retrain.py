@@ -26,7 +26,7 @@ from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from lmline.stages import GATE_STAGE, MODEL_STAGE, NAMES, STAGES
 from lmline.tracking import lineage, registry, runs
-from lmline.vcs import check_git_inputs
+from lmline.vcs import check_git_inputs, up_to_date_stages
 
 
 def workspace_lock(root: Path):
@@ -102,18 +102,23 @@ def retrain(
             "prefect.flow_run_url": lineage.flow_run_link(str(flow_run.id or ""), PREFECT_UI_URL.value()),
             **({"lmline.revision": revision} if revision else {}),
         }
+        # One `dvc status` of the whole pipeline instead of a `dvc repro` subprocess per up-to-date stage.
+        # It holds only until something runs: a stage DVC runs or restores changes what the next depend on.
+        up_to_date = set() if force else up_to_date_stages(root)
+        nothing_ran_yet = True
         results: list[StageResult] = []
         promotion_result = None
         with runs.parent_run(params, tags, root) as parent_id:
             for stage in selected:
                 pool = routing.placement(params, root, stage, force) if distributed else None
+                skip = nothing_ran_yet = nothing_ran_yet and stage in up_to_date and pool is None
                 placed_task = pipeline_stage.with_options(
                     name=stage,
                     task_run_name=stage,
                     retries=params.orchestration.retries.get(stage, 0),
                     retry_delay_seconds=params.orchestration.retry_delay_seconds,
                 )
-                results.append(placed_task(stage, str(root), force, parent_id, params_file, pool))
+                results.append(placed_task(stage, str(root), force, parent_id, params_file, pool, skip))
             # Only now, every selected stage done, do their models enter the registry (the stages only
             # log them): a run that fails at any stage leaves the registry exactly as it was.
             registry.register_produced_models(params, root, selected, evaluated=GATE_STAGE in selected)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from flows.promotion import Scores
 from lmline import config
 from lmline.tracking import registry
-from tasks import evaluate, finetune_data, models
+
+# The model code (tasks.evaluate and tasks.models load torch and transformers, ~3 s) is imported only where
+# a champion is re-scored: every `lmline run` imports this module, a no-op run needs none of it.
 
 # where each promote.metric sits in metrics/evaluate.json's `task` section
 EVALUATE_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "bits_per_byte": "test_bits_per_byte"}
@@ -64,6 +64,8 @@ def candidate_scores(params: config.Params, root: Path, eval_metrics: dict) -> S
 def classification_score(params: config.Params, model_dir: Path, test: list[dict], metric: str) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tasks import evaluate, finetune_data, models
+
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(models.device())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     known = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -77,6 +79,10 @@ def classification_score(params: config.Params, model_dir: Path, test: list[dict
 
 def rescore_version(params: config.Params, root: Path, name: str, version: int) -> Scores:
     """Measure a registered fine-tuned model (and the base LM it came from) on the current test split."""
+    import pyarrow.parquet as pq
+
+    from tasks import evaluate, finetune_data, models
+
     clean = root / params.paths.clean
     metric = gate_config(params).metric
     model_dir = registry.resolve_model_uri(f"models:/{name}/{version}")

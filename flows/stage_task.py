@@ -2,7 +2,9 @@
 
 Here (`pool` None): `dvc repro --single-item <stage>` in this workspace, the stage's output streamed
 into the Prefect logger; DVC decides whether the stage runs or is restored from cache (`ran` or
-`cached`), and a cached stage gets a nested MLflow run tagged cached=true.
+`cached`), and a cached stage gets a nested MLflow run tagged cached=true. A stage the flow already
+found up to date (`up_to_date`: one `dvc status` of the whole pipeline before the first stage) starts
+no `dvc repro` at all: it is `cached` and gets the same nested run.
 
 On a pool (distributed mode, a stage mapped to gpu): this task is the parent's side of the hand-over
 flows/routing.py draws: push the stage's data deps, snapshot the workspace to a git ref, run the
@@ -57,15 +59,24 @@ class StageFailed(LmlineError):
 
 @task(name="stage")
 def pipeline_stage(
-    stage: str, root: str, force: bool, parent_run_id: str | None, params_file: str, pool: str | None = None
+    stage: str,
+    root: str,
+    force: bool,
+    parent_run_id: str | None,
+    params_file: str,
+    pool: str | None = None,
+    up_to_date: bool = False,
 ) -> StageResult:
     """Run one DVC stage in the workspace `root`: here, or (`pool`: a work pool's name) through the
-    run-stage deployment on that pool's worker."""
+    run-stage deployment on that pool's worker. `up_to_date`: `dvc status` found the stage up to date
+    and nothing ran before it in this flow run, so `dvc repro` would only say so: report it cached."""
     log = get_run_logger()
     root_path = Path(root)
     params = config.load(root_path / params_file)
     started = time.perf_counter()
-    if pool is None:
+    if up_to_date and pool is None and not force:
+        status = "cached"
+    elif pool is None:
         status = dvc_repro(stage, root_path, force, parent_run_id, log)
     else:
         status = hand_over(stage, root_path, force, parent_run_id, params_file, pool, log)

@@ -67,6 +67,7 @@ NOT_RESULTS = {
     "stage_seconds",
     "process_seconds",
     "mb_per_s",
+    "startup_seconds",
     "mlflow_run_id",
     "resumed_from_step",
 }

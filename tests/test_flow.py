@@ -163,7 +163,17 @@ def test_test_labels_the_champion_never_saw_count_as_its_errors(pipeline, tmp_pa
     assert rescored.bits_per_byte is None  # no pretrain test split here: the gate would refuse, not skip the guard
 
 
-def test_second_run_is_all_cached_and_quick(pipeline):
+def test_second_run_is_all_cached_and_quick(pipeline, monkeypatch):
+    import subprocess
+
+    started_commands = []
+
+    class Recorded(subprocess.Popen):  # every process the flow starts, started as before
+        def __init__(self, args, *rest, **kwargs):
+            started_commands.append([str(a) for a in args] if not isinstance(args, (str, bytes)) else [str(args)])
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
     before = champion()
     versions_before = {name: set(model["versions"]) for name, model in registry_state().items()}
     started = time.perf_counter()
@@ -171,6 +181,10 @@ def test_second_run_is_all_cached_and_quick(pipeline):
     seconds = time.perf_counter() - started
     print(f"\nno-op retrain wall time: {seconds:.1f}s")  # reported in the closing note, never asserted
     assert {s["status"] for s in summary["stages"]} == {"cached"}
+    # one in-process `dvc status` found every stage up to date: no `dvc repro` (nor any stage process) started
+    assert not [cmd for cmd in started_commands if "repro" in cmd or "stage" in cmd], started_commands
+    for stage in ("ingest", "evaluate"):  # Prefect still shows a task run per stage
+        assert stage in {s["stage"] for s in summary["stages"]}
     nested = runs_under(summary["mlflow_parent_run_id"])
     assert len(nested) == 6 and all(r.data.tags.get("cached") == "true" for r in nested)
     assert all(r.data.tags["lmline.produced_by_run"] != "unknown" for r in nested)

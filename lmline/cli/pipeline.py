@@ -5,9 +5,12 @@ Prefect is imported inside `run` alone: it adds about a second to every `lmline`
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,14 +69,56 @@ def run(
     guard.watch_children()  # Prefect's temporary server, dvc and the stages die with this process
     if progress.stream() is sys.stderr:
         os.environ[progress.TTY_ENV] = "1"  # stage output goes to Prefect's logs: stages draw bars on the terminal
-    from flows.retrain import retrain
-
     # Unreachable servers fail here, in one line each, within PROBE_TIMEOUT_S: Prefect's and
     # MLflow's clients would retry for minutes and end in a traceback.
     check_prefect_api()
     store.check_server()
+    server = EphemeralPrefect.start()  # boots in its own process while this one imports what the flow needs
+    import dvc.repo  # noqa: F401  (the flow's `dvc status`; imported here, the import overlaps the server's start)
+    import mlflow  # noqa: F401  (the flow's parent run, likewise)
+
+    from flows.retrain import retrain
+
+    server.wait()
+    # Python's last garbage collection at exit walks every object Prefect, MLflow and DVC created, for
+    # nothing: the process ends anyway, so freeze them out of it (atexit handlers still run first).
+    atexit.register(gc.freeze)
     summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
     print_summary(summary)
+
+
+class EphemeralPrefect:
+    """Prefect's temporary server (ephemeral mode: no PREFECT_API_URL), started in a background thread
+    before the flow asks for it. It is Prefect's own `SubprocessASGIServer`, the one instance the flow's
+    client then finds running, stopped by Prefect at exit as before; only its start moves earlier."""
+
+    def __init__(self, thread: threading.Thread | None):
+        self.thread, self.error = thread, None
+
+    @classmethod
+    def start(cls) -> EphemeralPrefect:
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return cls(None)  # a server of the user's: nothing to start
+        server = cls(threading.Thread(target=lambda: server.boot(), name="prefect-ephemeral-server", daemon=True))
+        server.thread.start()
+        return server
+
+    def boot(self) -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except BaseException as exc:  # raised again in the main thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        """Until the server answers its /health (or its start failed: that error is raised here)."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def check_prefect_api() -> None:
