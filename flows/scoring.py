@@ -29,7 +29,7 @@ from flows.promotion import Scores
 from lmline import config
 from lmline.tracking import registry
 
-# The model code (tasks.evaluate and tasks.models load torch and transformers, ~3 s) is imported only where
+# The model code (tasks.evaluate and tasks.models load torch and transformers) is imported only where
 # a champion is re-scored: every `lmline run` imports this module, a no-op run needs none of it.
 
 # where each promote.metric sits in metrics/evaluate.json's `task` section

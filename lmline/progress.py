@@ -50,7 +50,7 @@ def configure(verbose: bool = False, quiet: bool = False) -> int:
     if stream() is not sys.stderr:
         os.environ.update(LIBRARY_BARS_OFF)
         # transformers reads HF_HUB_DISABLE_PROGRESS_BARS at import: only a copy imported already needs
-        # telling. Importing it here to tell it cost every `lmline stage` ~0.9 s, torch-free stages included.
+        # telling. Importing it here just to tell it would load it in every `lmline stage`, torch-free ones too.
         hf_logging = sys.modules.get("transformers.utils.logging")
         if hf_logging is not None:
             hf_logging.disable_progress_bar()

@@ -27,7 +27,7 @@ def plot_figures(stage: str, outputs: dict) -> dict:
     """The plots dvc.yaml defines, as matplotlib figures named like their CSV: loss curves, the per-rule
     cleaning drops, the confusion matrix. Only from files the stage wrote."""
     if not any(outputs.get(key) and Path(outputs[key]).exists() for key in ("loss", "drops", "confusion")):
-        return {}  # nothing to draw (ingest, tokenize): skip matplotlib's import, ~1 s of every such stage
+        return {}  # nothing to draw (ingest, tokenize): such a stage need not import matplotlib at all
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
