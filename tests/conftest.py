@@ -183,6 +183,19 @@ def make_dvc_repo(root: Path, params: dict) -> Path:
 BIN = Path(sys.executable).parent
 
 
+def lmline_cli(root: Path, *args: str):
+    """The real `lmline` command in workspace `root` (this checkout's code), ephemeral Prefect with its own
+    home (root/prefect-home), the embedded MLflow store, output not a terminal."""
+    import subprocess
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LMLINE_VERBOSITY")
+    }
+    env.update(PYTHONPATH=str(root), PREFECT_HOME=str(root / "prefect-home"))
+    cmd = [sys.executable, "-c", "from lmline.cli import main; main()", *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
 def mlflow_server(port: int, backend_store_uri: str, artifacts: str | Path) -> list[str]:
     """`mlflow server` on loopback with one worker, artifacts proxied by the server."""
     return [

@@ -97,21 +97,11 @@ def test_the_terminal_filter_hides_stage_output_but_not_its_complaints(monkeypat
     assert progress.console_filter(record('  "docs_out": 180,', True))
 
 
-def lmline_run(root, *args: str) -> subprocess.CompletedProcess:
-    """The real `lmline` script in `root`, ephemeral Prefect with its own home, output not a terminal."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LMLINE_VERBOSITY")
-    }
-    env.update(PYTHONPATH=str(root), PREFECT_HOME=str(root / "prefect-home"))
-    cmd = [sys.executable, "-c", "from lmline.cli import main; main()", *args]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_verbose_adds_the_stages_own_lines_not_library_debug_and_quiet_prints_the_summary_only(tmp_path):
-    from conftest import make_dvc_repo, tiny_params
+    from conftest import lmline_cli, make_dvc_repo, tiny_params
 
     root = make_dvc_repo(tmp_path, tiny_params())
-    verbose = lmline_run(root, "--verbose", "run", "--stage", "ingest")
+    verbose = lmline_cli(root, "--verbose", "run", "--stage", "ingest")
     assert verbose.returncode == 0, verbose.stderr[-2000:]
     lines = (verbose.stdout + verbose.stderr).splitlines()
     # what the stage process printed (its metrics JSON), streamed through the flow's log
@@ -124,7 +114,7 @@ def test_verbose_adds_the_stages_own_lines_not_library_debug_and_quiet_prints_th
     assert library_debug == []
     assert not any(line.startswith("INFO httpx") for line in lines)
 
-    quiet = lmline_run(root, "--quiet", "run", "--stage", "ingest", "--force")
+    quiet = lmline_cli(root, "--quiet", "run", "--stage", "ingest", "--force")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert quiet.stderr == ""
     out = [line for line in quiet.stdout.splitlines() if line.strip()]

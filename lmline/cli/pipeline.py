@@ -6,11 +6,15 @@ Prefect is imported inside `run` alone: it adds about a second to every `lmline`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import importlib.util
 import json
 import os
+import socket
+import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -73,52 +77,90 @@ def run(
     # MLflow's clients would retry for minutes and end in a traceback.
     check_prefect_api()
     store.check_server()
-    server = EphemeralPrefect.start()  # boots in its own process while this one imports what the flow needs
+    server = TemporaryPrefect.launch()  # boots in its own process while this one imports what the flow needs
     import dvc.repo  # noqa: F401  (the flow's `dvc status`; imported here, the import overlaps the server's start)
     import mlflow  # noqa: F401  (the flow's parent run, likewise)
 
     from flows.retrain import retrain
 
-    server.wait()
     # Python's last garbage collection at exit walks every object Prefect, MLflow and DVC created, for
     # nothing: the process ends anyway, so freeze them out of it (atexit handlers still run first).
     atexit.register(gc.freeze)
-    summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
-    print_summary(summary)
+    with server.settings():
+        summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
+        print_summary(summary)
 
 
-class EphemeralPrefect:
-    """Prefect's temporary server (ephemeral mode: no PREFECT_API_URL), started in a background thread
-    before the flow asks for it. It is Prefect's own `SubprocessASGIServer`, the one instance the flow's
-    client then finds running, stopped by Prefect at exit as before; only its start moves earlier."""
+class TemporaryPrefect:
+    """The Prefect server of a run without PREFECT_API_URL (Prefect's ephemeral mode), launched as the
+    command's first act. It is the server process Prefect's own `SubprocessASGIServer` would start (uvicorn
+    on `prefect.server.api.server:create_app`, UI off, the local database in PREFECT_HOME), but Prefect
+    starts it only when the flow first asks for a client, after this process has imported Prefect's server
+    code (~2 s) just to launch it. Launched here instead, its ~5 s boot overlaps this process importing
+    DVC, MLflow and the flow on the other core, and this process never imports the server code: the flow's
+    client is pointed at it with Prefect's `temporary_settings` (os.environ is untouched, so the stages and
+    every `PREFECT_API_URL` check still see ephemeral mode). The UI address is left empty, as Prefect's
+    ephemeral mode leaves it: the run lives in the local database (see lineage.flow_run_link)."""
 
-    def __init__(self, thread: threading.Thread | None):
-        self.thread, self.error = thread, None
+    # Prefect's own server command and environment for its ephemeral server (SubprocessASGIServer)
+    SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+    def __init__(self, process: subprocess.Popen | None, port: int | None):
+        self.process, self.port = process, port
 
     @classmethod
-    def start(cls) -> EphemeralPrefect:
-        from prefect.settings import PREFECT_API_URL
-
-        if PREFECT_API_URL.value():
-            return cls(None)  # a server of the user's: nothing to start
-        server = cls(threading.Thread(target=lambda: server.boot(), name="prefect-ephemeral-server", daemon=True))
-        server.thread.start()
+    def launch(cls) -> TemporaryPrefect:
+        if os.environ.get("PREFECT_API_URL"):
+            return cls(None, None)  # a server of the user's (check_prefect_api has probed it)
+        with socket.socket() as sock:  # a free port, chosen by the OS
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory"]
+        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--log-level", "error", "--lifespan", "on"]
+        process = subprocess.Popen(command, env={**os.environ, **cls.SERVER_ENV}, stdin=subprocess.DEVNULL)
+        server = cls(process, port)
+        atexit.register(server.stop)
         return server
 
-    def boot(self) -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
+    def settings(self):
+        """Prefect settings for the flow: this server's API (once it answers /health), no UI address.
+        None when there is no server of ours to use: the user's PREFECT_API_URL (from the environment
+        or a Prefect profile) or a disabled ephemeral mode leave Prefect to do as it would."""
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            PREFECT_UI_URL,
+            temporary_settings,
+        )
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
 
-            SubprocessASGIServer().start()
-        except BaseException as exc:  # raised again in the main thread by wait()
-            self.error = exc
+        if self.process is None:
+            return contextlib.nullcontext()
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            self.stop()
+            return contextlib.nullcontext()
+        api = f"http://127.0.0.1:{self.port}/api"
+        deadline = time.monotonic() + TIMEOUT.value()
+        while store.health_error(api, 1.0):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise LmlineError(
+                    f"Prefect's temporary server did not start (exit code {self.process.poll()}; "
+                    f"its errors are above); set PREFECT_API_URL to a running server instead"
+                )
+            time.sleep(0.05)
+        return temporary_settings(updates={PREFECT_API_URL: api, PREFECT_UI_URL: ""})
 
-    def wait(self) -> None:
-        """Until the server answers its /health (or its start failed: that error is raised here)."""
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
 
 def check_prefect_api() -> None:
