@@ -62,12 +62,9 @@ def candidate_scores(params: config.Params, root: Path, eval_metrics: dict) -> S
 
 
 def classification_score(params: config.Params, model_dir: Path, test: list[dict], metric: str) -> float:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from tasks import evaluate, finetune_data, models
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(models.device())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = models.load_classifier(model_dir)
     known = [model.config.id2label[i] for i in range(model.config.num_labels)]
     # labels the model never saw get ids it cannot predict: each of their rows is an error
     labels = known + sorted({r["label"] for r in test} - set(known))

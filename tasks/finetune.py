@@ -49,6 +49,7 @@ from tasks.finetune_data import (
     split_path,
 )
 from tasks.models import classification_ids, context_length, document_ids, require_model, write_info
+from tasks.pooling import MEAN_POOLED
 from tasks.resume import TrainingClock, checkpoint_step
 
 IGNORE = -100  # label id the loss skips (torch cross_entropy's ignore_index)
@@ -93,6 +94,8 @@ def training_args(cfg: FinetuneConfig, seed: int, checkpoints: Path, best_metric
         restore_callback_states_from_checkpoint=True,
         metric_for_best_model=best_metric,
         greater_is_better=best_metric != "loss",
+        label_smoothing_factor=cfg.label_smoothing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
 
 
@@ -107,7 +110,9 @@ def classification_setup(cfg: FinetuneConfig, model_dir: Path, clean: Path, toke
         return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(ids, targets)]
 
     train, val = encode(train_rows, "train"), encode(val_rows, "val")  # bad labels fail before the model loads
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model_type = transformers.AutoConfig.from_pretrained(model_dir).model_type
+    classifier = MEAN_POOLED[model_type] if cfg.pooling == "mean" else AutoModelForSequenceClassification
+    model = classifier.from_pretrained(
         model_dir,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from lmline.errors import LmlineError
 from lmline.io import read_json, write_json
+from tasks.pooling import MEAN_POOLED
 
 INFO_FILE = "finetune.json"  # inside a fine-tuned model's folder: what evaluate needs to know about the model
 
@@ -67,12 +68,19 @@ def load_causal_lm(path: Path):
     return AutoModelForCausalLM.from_pretrained(path).to(device()).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def classifier_class(path: Path):
+    """The class that reads a saved classifier out as it was trained: a mean-pooled one (tasks/pooling.py,
+    named in its config's architectures) as such, any other through AutoModelForSequenceClassification."""
+    saved = AutoConfig.from_pretrained(path).architectures or []
+    return next((c for c in MEAN_POOLED.values() if c.__name__ in saved), AutoModelForSequenceClassification)
+
+
 def load_classifier(path: Path):
     """A sequence classifier with its trained head (on the device, for inference), and its tokenizer.
     Refuses a causal LM (or any model whose saved weights lack the head): transformers would add a
     random head and answer at random."""
     architectures(path, "ForSequenceClassification", "a fine-tuned classifier")
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    model, info = classifier_class(path).from_pretrained(path, output_loading_info=True)
     if info["missing_keys"]:
         raise LmlineError(f"{path}: the classifier's weights lack {', '.join(sorted(info['missing_keys']))}")
     return model.to(device()).eval(), AutoTokenizer.from_pretrained(path)

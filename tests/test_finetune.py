@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SEED, stage_io
+from conftest import REPO, SEED, stage_io
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -30,7 +30,7 @@ from transformers import (
 from lmline import config
 from lmline.errors import LmlineError
 from tasks import finetune, training
-from tasks.models import classification_ids, document_ids, read_info
+from tasks.models import classification_ids, document_ids, load_classifier, read_info
 
 POSITIVE = ["great", "wonderful", "superb", "delightful", "brilliant"]
 NEGATIVE = ["awful", "boring", "dreadful", "terrible", "tedious"]
@@ -150,7 +150,12 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
     assert list(history[0]) == ["step", "train_loss", "val_accuracy", "val_loss", "val_macro_f1"]
     assert sum(1 for r in history if r["val_loss"]) == metrics["steps"] // 10
 
-    model = AutoModelForSequenceClassification.from_pretrained(outputs["model"])
+    # Mean-pooled (the default): the folder carries tasks/pooling.py, so plain transformers loads the
+    # same read-out the project's loader uses, given trust_remote_code.
+    assert (outputs["model"] / "pooling.py").read_text() == (REPO / "tasks" / "pooling.py").read_text()
+    model = AutoModelForSequenceClassification.from_pretrained(outputs["model"], trust_remote_code=True)
+    ours, _ = load_classifier(outputs["model"])
+    assert type(model).__name__ == type(ours).__name__ == "LlamaMeanPooledForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(outputs["model"])
     assert model.config.id2label == {0: "fresh", 1: "rotten"}
     assert read_info(outputs["model"]) == {
@@ -161,7 +166,9 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
     }
     texts = ["a superb cast, truly great.", "a dreadful script, truly boring."]  # word pairs never seen together
     ids = classification_ids(tokenizer, texts, 32)
-    logits = model(**tokenizer.pad({"input_ids": ids}, return_tensors="pt")).logits
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    logits = model.eval()(**batch).logits
+    assert torch.equal(logits, ours.to("cpu")(**batch).logits)
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ["fresh", "rotten"]
     assert not any(p.name.startswith(".") for p in outputs["model"].parent.iterdir())  # no temp dirs left
 

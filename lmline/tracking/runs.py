@@ -93,11 +93,12 @@ def log_model(model_dir: Path, title: str, task: str) -> str:
     without registering it (the flow registers once the whole run succeeded: register_produced_models).
     Returns the LoggedModel's id."""
     import mlflow
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.models import classifier_class
 
     generates_text = task == PIPELINE_TASK["causal-lm"]
-    auto = AutoModelForCausalLM if generates_text else AutoModelForSequenceClassification
-    model = auto.from_pretrained(model_dir)
+    model = (AutoModelForCausalLM if generates_text else classifier_class(model_dir)).from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if generates_text:
         # Signature inference generates text: keep it short so it cannot run past the context length.
