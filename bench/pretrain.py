@@ -143,6 +143,26 @@ def plain_loop(params: config.Params, inputs: dict) -> dict:
     return step_stats(durations, cfg.batch_size * cfg.grad_accum * cfg.context)
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of the best square matmul timing on this machine, now, with torch's threads: the peak
+    MFU is measured against, taken in the same run as the training it judges (not a constant)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool, kernel selection
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def with_measured_mfu(result: dict, peak: float) -> dict:
+    """The stage's mfu is against params' pretrain.peak_flops; add it against the peak measured here."""
+    if "flops_per_token" in result and "tokens_per_second" in result:
+        result["mfu_measured_peak"] = round(result["flops_per_token"] * result["tokens_per_second"] / peak, 4)
+    return result
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
     """Per variant: the mean of each number over rounds, the runs' bits per byte, and per round the
     throughput ratio to the first variant (runs of one round are close in time: drift cancels)."""
@@ -190,17 +210,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         variants = {name: (overrides, stage_run) for name, overrides in map(parse_variant, args.variant or ["config:"])}
 
+    # fp32 is what the CPU trains in (pretrain.precision auto); bf16 shown beside it where the CPU has it
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(json.dumps({"matmul_peak_flops": peaks}), file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, (overrides, fn) in variants.items():
             p = config.load(args.params, [*base, *overrides])
-            result = fn(p, inputs)
+            result = with_measured_mfu(fn(p, inputs), peaks["fp32"])
             runs[name].append(result)
             print(json.dumps({"round": round_, "variant": name, **result}), file=sys.stderr, flush=True)
 
     report = {
         "seconds": args.seconds,
         "threads": torch.get_num_threads(),
+        "matmul_peak_flops": peaks,
         "variants": {name: overrides for name, (overrides, _) in variants.items()},
         "summary": summarize(runs),
         "runs": runs,

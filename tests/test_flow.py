@@ -295,6 +295,9 @@ def test_a_causal_lm_finetune_runs_through_evaluate_and_promotion(pipeline, caps
     assert promotion["model"] == causal and promotion["promoted"] and promotion["reason"].startswith("first model")
     evaluated = read_json(pipeline / "metrics" / "evaluate.json")
     assert promotion["candidate_metric"] == evaluated["task"]["test_bits_per_byte"]
+    # evaluate reports the base model on the same text, and the fine-tuning paid off on it
+    base = evaluated["baselines"]["base_model"]["test_bits_per_byte"]
+    assert evaluated["task"]["test_bits_per_byte"] < base
     assert registry.version_tags(causal, promotion["candidate"])["lmline.eval.metric_name"] == "bits_per_byte"
 
     rescored = rescore_version(config.load(pipeline / "params.yaml"), pipeline, causal, promotion["candidate"])
