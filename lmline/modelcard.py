@@ -105,12 +105,22 @@ def architecture_section(params: Params, metrics: dict, is_base: bool) -> list[s
     if not is_base:
         ft = metrics.get("finetune") or {}
         head = (
-            "classification head over " + ", ".join(f"`{label}`" for label in ft.get("labels", []))
+            "classification head over "
+            + ", ".join(f"`{label}`" for label in ft.get("labels", []))
+            + READ_OUT[params.finetune.pooling]
             if params.finetune.task == "classification"
             else "the language-model head, trained further"
         )
         rows.append(["task", f"{params.finetune.task}: {head}"])
     return ["## Architecture", "", *table(["", ""], rows), ""]
+
+
+READ_OUT = {  # finetune.pooling: where the head reads the example, and how plain transformers loads it
+    "mean": ", read from the mean of the final hidden states over the example's tokens "
+    "(load it with `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`: "
+    "the model carries its read-out code, `pooling.py`)",
+    "last": ", read at the example's last token",
+}
 
 
 def stopped(metrics: dict, budget) -> str:
