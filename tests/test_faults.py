@@ -262,9 +262,13 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
     proc.log_path = log
     tree: list[psutil.Process] = []
     try:
-        # pretrain has started once it wrote its fingerprint, and runs (for hours) from then on
+        # pretrain has started once it wrote its fingerprint, and runs (for hours) from then on; its
+        # MLflow run opens on a thread beside the training (lmline.tracking.runs.stage_run): wait for it
         wait_for(
-            lambda: (workspace / "checkpoints/pretrain" / resume.FINGERPRINT_FILE).exists(),
+            lambda: (
+                (workspace / "checkpoints/pretrain" / resume.FINGERPRINT_FILE).exists()
+                and "pretrain" in {r.data.tags.get("mlflow.runName") for r in mlflow_runs(workspace)}
+            ),
             "the pretrain stage to start",
             600,
             [proc],

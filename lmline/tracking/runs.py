@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -119,12 +120,43 @@ def log_model(model_dir: Path, title: str, task: str) -> str:
 
 
 class StageRun:
-    """Handle the shell uses inside `stage_run` to log what the stage produced."""
+    """Handle the shell uses inside `stage_run` to log what the stage produced. The run is opened on a
+    thread of its own while the stage works (stage_run); the first call that needs it waits for it."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, opening: Future):
+        self._opening, self._resumed = opening, False
+
+    @property
+    def run_id(self) -> str:
+        return self._opening.result()
+
+    def _activate(self) -> None:
+        """Make the run the active one on this thread (MLflow keeps one active run per thread), so the
+        fluent calls below, mlflow.transformers.log_model included, log to it."""
+        import mlflow
+
+        if not self._resumed:
+            mlflow.start_run(run_id=self.run_id)
+            self._resumed = True
+
+    def close(self, status: str) -> None:
+        """End the run FINISHED or FAILED. If opening the run failed, a FINISHED stage raises that error;
+        a FAILED one keeps its own (the run then never existed, or open_stage_run ended it FAILED)."""
+        import mlflow
+
+        try:
+            run_id = self.run_id
+        except Exception:
+            if status == "FINISHED":
+                raise
+            return
+        if self._resumed:
+            mlflow.end_run(status)
+        else:
+            mlflow.tracking.MlflowClient().set_terminated(run_id, status)
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
+        self._activate()
         import mlflow
 
         nums = numeric(metrics)
@@ -132,6 +164,7 @@ class StageRun:
             mlflow.log_metrics(nums)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._activate()
         import mlflow
 
         if path.is_dir():
@@ -143,6 +176,7 @@ class StageRun:
         """Stage-specific extras: step-wise training history, plot images, and the trained model, logged
         on this run but not registered: the retrain flow registers it (register_produced_models) once
         the whole pipeline run succeeded, so a failed run leaves nothing new in the registry."""
+        self._activate()
         if "loss" in outputs:
             log_history_csv(Path(outputs["loss"]), "")
         log_plot_images(stage, outputs)
@@ -153,6 +187,7 @@ class StageRun:
             self.set_tags({LOGGED_MODEL_TAG: log_model(Path(outputs["model"]), name, task)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self._activate()
         import mlflow
 
         mlflow.set_tags(tags)
@@ -218,20 +253,17 @@ def close_dead_runs(experiment_id: str) -> list[str]:
     return closed
 
 
-@contextlib.contextmanager
-def stage_run(
-    stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None
-) -> Iterator[StageRun]:
-    """An MLflow run for one stage: nested under $LMLINE_PARENT_RUN_ID when a pipeline started it.
-    The run ends FAILED if the stage raises; if the process dies instead (kill -9), the next stage or
-    pipeline run in this experiment marks it KILLED, so no run is left RUNNING."""
+def open_stage_run(stage: str, params: Params, root: Path, tags: dict[str, str] | None = None) -> str:
+    """Everything a stage's run needs before the stage's results: the store (and MLflow) loaded, runs
+    of dead processes closed, the run started RUNNING with its tags, params and DVC dep hashes.
+    Returns its id. Runs on stage_run's thread, beside the stage's work."""
     import mlflow
 
-    root = (root or Path.cwd()).resolve()
     close_dead_runs(setup(params, root))
     parent = os.environ.get(PARENT_ENV) or None
     base_tags = {"lmline.stage": stage, OWNER_TAG: process_owner(), **git_info(root), **(tags or {})}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=base_tags) as run:
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=base_tags)
+    try:
         section = params.section(stage) if stage in type(params).model_fields else None
         if section is not None:
             log_params(section, f"{stage}.")
@@ -240,7 +272,31 @@ def stage_run(
             mlflow.set_tags(dvc_dep_hashes(stage, root))
         except Exception as exc:  # lineage tags are best effort
             log.debug("dvc hashes unavailable: %s", exc)
-        yield StageRun(run.info.run_id)
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, params: Params, root: Path | None = None, tags: dict[str, str] | None = None
+) -> Iterator[StageRun]:
+    """An MLflow run for one stage: nested under $LMLINE_PARENT_RUN_ID when a pipeline started it.
+    It is opened (open_stage_run) on a thread of its own while the body runs the stage, instead of
+    before it: importing MLflow and opening its store are seconds of Python that the stage's work
+    (torch, tokenizers' Rust, datatrove's worker processes) leaves room for.
+    The run ends FAILED if the stage raises; if the process dies instead (kill -9), the next stage or
+    pipeline run in this experiment marks it KILLED, so no run is left RUNNING."""
+    root = (root or Path.cwd()).resolve()
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-stage-run") as pool:
+        tracked = StageRun(pool.submit(open_stage_run, stage, params, root, tags))
+        status = "FAILED"
+        try:
+            yield tracked
+            status = "FINISHED"
+        finally:
+            tracked.close(status)
 
 
 # ---------------------------------------------------------------- pipeline runs
