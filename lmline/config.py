@@ -231,9 +231,9 @@ class FinetuneConfig(Section):
     """also the checkpoint interval (the best one is kept)"""
     early_stopping_patience: Annotated[int, Field(ge=1)] = 3
     """evals without a better val metric"""
-    pooling: Literal["mean", "last"] = "mean"
-    """classification: the class read out from the mean of the final hidden states over the example's
-    tokens (tasks/pooling.py), or at its last token (transformers' own *ForSequenceClassification)"""
+    pooling: Literal["last", "mean"] = "last"
+    """classification: the class read out at the example's last token (transformers' own
+    *ForSequenceClassification), or from the mean of its final hidden states (tasks/pooling.py)"""
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """the Trainer's label_smoothing_factor: targets (1 - ε) on the label, ε spread over all classes"""
     group_by_length: bool = False

@@ -19,6 +19,7 @@ import torch
 from conftest import REPO, SEED, stage_io
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -129,7 +130,7 @@ def run_finetune(cfg: config.FinetuneConfig):
 def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace):
     toy_lm(workspace)
     write_toy_clean(workspace)
-    cfg = finetune_cfg(early_stopping_patience=1)
+    cfg = finetune_cfg(early_stopping_patience=1, pooling="mean")
     metrics, outputs = run_finetune(cfg)
 
     assert metrics["labels"] == ["fresh", "rotten"]
@@ -150,7 +151,7 @@ def test_classification_run_writes_a_model_that_reloads_and_classifies(workspace
     assert list(history[0]) == ["step", "train_loss", "val_accuracy", "val_loss", "val_macro_f1"]
     assert sum(1 for r in history if r["val_loss"]) == metrics["steps"] // 10
 
-    # Mean-pooled (the default): the folder carries tasks/pooling.py, so plain transformers loads the
+    # Mean-pooled: the folder carries tasks/pooling.py, so plain transformers loads the
     # same read-out the project's loader uses, given trust_remote_code.
     assert (outputs["model"] / "pooling.py").read_text() == (REPO / "tasks" / "pooling.py").read_text()
     model = AutoModelForSequenceClassification.from_pretrained(outputs["model"], trust_remote_code=True)
@@ -178,6 +179,9 @@ def test_same_seed_same_metrics(workspace):
     write_toy_clean(workspace)
     cfg = finetune_cfg(max_steps=6, eval_every=3)
     first, outputs = run_finetune(cfg)
+    # the default read-out is transformers' own last-token class: no code of ours travels with the model
+    assert AutoConfig.from_pretrained(outputs["model"]).architectures == ["LlamaForSequenceClassification"]
+    assert not (outputs["model"] / "pooling.py").exists()
     shutil.rmtree(outputs["checkpoints"])  # as the shell does after logging: the next run starts fresh
     second, _ = run_finetune(cfg)
     drop = ("train_seconds",)

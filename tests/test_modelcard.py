@@ -116,7 +116,7 @@ def test_the_task_card_has_every_section_and_quotes_the_metrics(params):
         "| `docs` | text_files | pretrain | 60 | 58 | 0.05 MB |",  # sizes after cleaning
         "| parameters | 23,008 |",
         "| layers × heads × width | 1 × 2 × 32 |",
-        "| task | classification: classification head over `fresh`, `rotten`" + modelcard.READ_OUT["mean"] + " |",
+        "| task | classification: classification head over `fresh`, `rotten`" + modelcard.READ_OUT["last"] + " |",
         "| pretrain | 12 | 3,072 tokens | 1.2 | max_steps (budget 12 steps / 2.5 min) | fp32 × 1, 2539.6 tokens/s |",
         "| validation (pretrain, whole split) | 4.3553 | 146.6827 |",
         "| test (4,773 tokens, 32-token windows) | 4.3108 | 146.8579 |",
