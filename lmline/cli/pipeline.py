@@ -96,7 +96,7 @@ class TemporaryPrefect:
     command's first act. It is the server process Prefect's own `SubprocessASGIServer` would start (uvicorn
     on `prefect.server.api.server:create_app`, UI off, the local database in PREFECT_HOME), but Prefect
     starts it only when the flow first asks for a client, after this process has imported Prefect's server
-    code (~2 s) just to launch it. Launched here instead, its ~5 s boot overlaps this process importing
+    code just to launch it. Launched here instead, its boot overlaps this process importing
     DVC, MLflow and the flow on the other core, and this process never imports the server code: the flow's
     client is pointed at it with Prefect's `temporary_settings` (os.environ is untouched, so the stages and
     every `PREFECT_API_URL` check still see ephemeral mode). The UI address is left empty, as Prefect's
