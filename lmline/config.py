@@ -186,7 +186,7 @@ class PretrainConfig(Section):
     """auto: bf16 on a GPU that has it, else fp32"""
     compile: bool = False
     """torch.compile the model (pays off on a GPU, not in a short CPU run)"""
-    peak_flops: Annotated[float, Field(gt=0)] = 3.2e11
+    peak_flops: Annotated[float, Field(gt=0)] = 2.0e11
     """for the MFU estimate; set to your hardware's peak"""
     devices: Annotated[int, Field(ge=1)] = 1
     """processes (GPUs) the stage trains on; > 1 relaunches it as N local processes (DDP)"""
