@@ -73,9 +73,10 @@ def run_dvc_stage(name: str, params: config.Params, root: Path | None = None) ->
         metrics = call_stage(name, params, inputs, outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
         metrics["startup_seconds"] = round(startup, 3)
-        metrics.update(throughput(metrics))
         # Which MLflow run produced these numbers: a later cached run of the stage links back to it.
+        # Asked before the clock is read: waiting for the run (opened beside the work) counts in the stage.
         metrics["mlflow_run_id"] = tracked.run_id
+        metrics.update(throughput(metrics))
         write_json(config.metrics_path(params, name), metrics)
         tracked.log_metrics(metrics)
         tracked.log_artifact(config.metrics_path(params, name), "metrics")
