@@ -356,12 +356,15 @@ def test_a_run_failing_after_finetune_registers_nothing_and_the_next_run_registe
 
 def test_a_failing_stage_fails_the_flow_and_registers_nothing(pipeline):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
     before = registry_state()  # ingest fails, before any model exists (the test above fails a run after finetune)
     with open(pipeline / "corpus" / "reviews.jsonl", "a") as fh:
         fh.write("{not json\n")
     state = retrain(workspace=str(pipeline), return_state=True)
     assert state.is_failed()
+    # Prefect sends logs in batches from a background worker: send what is queued before reading them back
+    APILogWorker.drain_all(timeout=30)
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
