@@ -126,8 +126,8 @@ class TemporaryPrefect:
 
     def settings(self):
         """Prefect settings for the flow: this server's API (once it answers /health), no UI address.
-        None when there is no server of ours to use: the user's PREFECT_API_URL (from the environment
-        or a Prefect profile) or a disabled ephemeral mode leave Prefect to do as it would."""
+        A no-op context when there is no server of ours to use: the user's PREFECT_API_URL (from the
+        environment or a Prefect profile) or a disabled ephemeral mode leave Prefect to do as it would."""
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_SERVER_EPHEMERAL_ENABLED,
