@@ -156,9 +156,11 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> f
     return 2 * size**3 / best
 
 
-def with_measured_mfu(result: dict, peak: float) -> dict:
-    """The stage's mfu is against params' pretrain.peak_flops; add it against the peak measured here."""
+def with_measured_mfu(result: dict, peaks: dict[str, float]) -> dict:
+    """The stage's mfu is against params' pretrain.peak_flops; add it against the peak measured here for
+    the precision the run trained in (a bf16 run against the bf16 peak: against fp32's it would flatter)."""
     if "flops_per_token" in result and "tokens_per_second" in result:
+        peak = peaks[result.get("precision", "fp32")]
         result["mfu_measured_peak"] = round(result["flops_per_token"] * result["tokens_per_second"] / peak, 4)
     return result
 
@@ -210,14 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         variants = {name: (overrides, stage_run) for name, overrides in map(parse_variant, args.variant or ["config:"])}
 
-    # fp32 is what the CPU trains in (pretrain.precision auto); bf16 shown beside it where the CPU has it
+    # fp32 is what the CPU trains in (pretrain.precision auto); bf16 measured beside it: a bf16 run is judged against it
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(json.dumps({"matmul_peak_flops": peaks}), file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, (overrides, fn) in variants.items():
             p = config.load(args.params, [*base, *overrides])
-            result = with_measured_mfu(fn(p, inputs), peaks["fp32"])
+            result = with_measured_mfu(fn(p, inputs), peaks)
             runs[name].append(result)
             print(json.dumps({"round": round_, "variant": name, **result}), file=sys.stderr, flush=True)
 

@@ -140,7 +140,7 @@ class TokenizeConfig(Section):
 class PretrainConfig(Section):
     arch: Literal["llama", "gpt2"] = "llama"
     """llama (RoPE, RMSNorm, SwiGLU) | gpt2"""
-    n_layer: Annotated[int, Field(ge=1)] = 4
+    n_layer: Annotated[int, Field(ge=1)] = 2
     """transformer blocks"""
     n_head: Annotated[int, Field(ge=1)] = 4
     """attention heads"""
