@@ -223,7 +223,7 @@ class FinetuneConfig(Section):
     """AdamW weight decay"""
     warmup_steps: Annotated[int, Field(ge=0)] = 20
     """linear warm-up steps"""
-    max_steps: Annotated[int, Field(ge=1)] = 600
+    max_steps: Annotated[int, Field(ge=1)] = 1200
     """step budget"""
     max_minutes: Annotated[float, Field(gt=0)] = 3.0
     """training-time budget (evaluation and checkpoints excluded), summed over resumed attempts"""
