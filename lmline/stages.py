@@ -18,7 +18,8 @@ ModelKind = Literal["base", "task"]
 class Stage:
     name: str
     # The params.yaml keys its run() reads, exactly dvc.yaml's `params:` for the stage (a test keeps
-    # the three in step): the section of the same name, and the project seed where the stage is random.
+    # the three in step): the section of the same name, and the project seed where the stage's training is random (clean
+    # has a seed of its own, clean.seed: the splits must not move when the training seed does).
     params: tuple[str, ...]
     pool: Pool  # where it runs in distributed mode unless orchestration.pools says otherwise
     key_metrics: tuple[str, ...]  # the figures the run summary and the Prefect artifacts show first
@@ -41,7 +42,7 @@ STAGES: dict[str, Stage] = {
     for s in (
         # mb_per_s: input MB over the whole stage process (lmline.stage_process.throughput), one definition
         Stage("ingest", ("ingest",), "cpu", ("documents", "mb_per_s")),
-        Stage("clean", ("clean", SEED_KEY), "cpu", ("docs_out", "mb_per_s")),
+        Stage("clean", ("clean",), "cpu", ("docs_out", "mb_per_s")),
         Stage("tokenize", ("tokenize", SEED_KEY), "cpu", ("vocab_size", "splits.train.bytes_per_token", "mb_per_s")),
         Stage(
             "pretrain",

@@ -367,9 +367,10 @@ def write_drops_csv(path: Path, per_source: dict) -> None:
             out.writerows([f"{source}/{rule}", source, rule, n] for rule, n in m["drops"].items())
 
 
-def run(cfg: CleanConfig, seed: int, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+def run(cfg: CleanConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     """raw/*.jsonl -> clean/<role>/{train,val,test}.parquet and the drops CSV; returns the metrics.
-    `seed` (project.seed) places documents in splits and seeds MinHash."""
+    `cfg.seed` (clean.seed, not project.seed) places documents in splits and seeds MinHash."""
+    seed = cfg.seed
     files = raw_files(inputs["raw"])
     with atomic_path(outputs["clean"]) as clean_dir, quiet_datatrove(), executor_session(cfg) as slots:
         workers = cfg.workers or slots

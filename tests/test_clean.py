@@ -104,6 +104,15 @@ def test_split_of_follows_the_fractions_and_the_seed():
     assert splits != [clean.split_of(t, 7, 0.1, 0.2) for t in texts]
 
 
+def test_a_new_training_seed_keeps_the_splits():
+    """clean reads clean.seed, never project.seed: runs with other training seeds are scored on the same
+    held-out data (else the champion is rescored on a test split it partly trained on)."""
+    seeds = [config.load(REPO / "params.yaml", [f"project.seed={s}"]) for s in (1, 2)]
+    assert config.stage_args(seeds[0], "clean") == config.stage_args(seeds[1], "clean")
+    moved = config.load(REPO / "params.yaml", ["clean.seed=2"])
+    assert config.stage_args(moved, "clean") != config.stage_args(seeds[0], "clean")
+
+
 # ---------------------------------------------------------------- run() end to end
 def write_raw(workspace, source: str, role: str, texts: list[str], labels: list[str] | None = None, start: int = 0):
     raw = workspace / "data" / "raw"
@@ -128,8 +137,8 @@ INPUTS = {"raw": Path("data/raw")}
 OUTPUTS = {"clean": Path("data/clean"), "drops": Path("plots/clean_drops.csv")}
 
 
-def run_clean(cfg: CleanConfig, seed: int = 1337):
-    return clean.run(cfg, seed, INPUTS, OUTPUTS), OUTPUTS
+def run_clean(cfg: CleanConfig):
+    return clean.run(cfg, INPUTS, OUTPUTS), OUTPUTS
 
 
 def read_splits(clean_dir) -> dict:
