@@ -217,7 +217,7 @@ class FinetuneConfig(Section):
     """tokens per example (capped at the model's context)"""
     batch_size: Annotated[int, Field(ge=1)] = 32
     """examples per step and device: the global batch is batch_size × devices"""
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: Annotated[float, Field(gt=0)] = 5e-4
     """peak learning rate (cosine schedule)"""
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     """AdamW weight decay"""
