@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -281,9 +283,23 @@ def load_tokenizer(tokenizer_dir: Path, meta: dict, tokens_dir: Path):
     return tokenizer
 
 
+def check_compile_possible(cfg: PretrainConfig) -> None:
+    """On a CPU, torch.compile (inductor) builds C++ kernels at the first step; without a compiler that
+    step fails deep inside torch. Say so up front, naming the key."""
+    if not cfg.compile or torch.cuda.is_available():
+        return
+    compiler = os.environ.get("CXX") or "g++"  # what inductor looks for on Linux
+    if shutil.which(compiler) is None:
+        raise LmlineError(
+            f"pretrain.compile: torch.compile on a CPU needs a C++ compiler and {compiler!r} is not on PATH: "
+            "install g++ (or set CXX) or set pretrain.compile: false"
+        )
+
+
 def train(cfg: PretrainConfig, seed: int, inputs: dict[str, Path], ckpt_dir: Path) -> tuple[Trainer, dict, list[dict]]:
     """Train, resuming from `ckpt_dir` when it holds a matching checkpoint. Returns the Trainer (its
     model trained), the metrics and the loss-history rows. Writes nothing outside `ckpt_dir`."""
+    check_compile_possible(cfg)
     tokens_dir, tokenizer_dir = Path(inputs["tokens"]), Path(inputs["tokenizer"])
     meta = read_meta(tokens_dir)
     train_tokens = load_split(tokens_dir, meta, "train", cfg.context)

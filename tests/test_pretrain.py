@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SEED, sentence, stage_io
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmline import config
@@ -35,6 +36,7 @@ TINY = {
     "log_every": 5,
     "checkpoint_every": 10,
     "max_minutes": 10,
+    "compile": False,  # compiling takes longer than these runs train; the compiled path has its own tests
 }
 TIMING = ("tokens_per_second", "train_seconds", "mfu")  # wall-clock dependent
 
@@ -125,6 +127,38 @@ def test_same_seed_same_metrics_other_seed_differs(stage):
     first = trained(7)
     assert trained(7) == first
     assert trained(8)["val_loss"] != first["val_loss"]
+
+
+def test_compiled_training_repeats_matches_eager_and_saves_a_plain_model(stage):
+    """pretrain.compile, the default: inductor's kernels give the same metrics for the same seed, the
+    same numbers as eager PyTorch up to float rounding, and the plain transformers weights."""
+
+    def trained(compile_: bool):
+        cfg, seed, inputs, outputs = stage(max_steps=10, compile=compile_)
+        metrics = pretrain.run(cfg, seed, inputs, outputs)
+        shutil.rmtree(outputs["checkpoints"])
+        return {k: v for k, v in metrics.items() if k not in TIMING}, outputs["model"]
+
+    compiled, model_dir = trained(True)
+    assert trained(True)[0] == compiled
+    eager, _ = trained(False)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+    with safe_open(model_dir / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert names and not any("_orig_mod" in name for name in names)  # torch.compile's wrapper is not saved
+    AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_error(stage, monkeypatch):
+    monkeypatch.setenv("CXX", "lmline-no-such-compiler")
+    cfg, seed, inputs, outputs = stage(compile=True)
+    with pytest.raises(
+        LmlineError,
+        match=r"^pretrain.compile: torch.compile on a CPU needs a C\+\+ compiler and "
+        r"'lmline-no-such-compiler' is not on PATH",
+    ):
+        pretrain.run(cfg, seed, inputs, outputs)
+    assert not any(outputs[k].exists() for k in ("model", "loss", "checkpoints"))
 
 
 def test_wall_clock_budget_stops_training_and_still_saves(stage):
