@@ -184,8 +184,8 @@ class PretrainConfig(Section):
     """steps between resumable checkpoints"""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on a GPU that has it, else fp32"""
-    compile: bool = True
-    """torch.compile the model; on a CPU inductor builds C++ kernels, so a C++ compiler (g++ or $CXX) must be on PATH"""
+    compile: bool = False
+    """torch.compile the model (on a CPU: C++ kernels, needs g++ or $CXX; compiling counts in max_minutes)"""
     peak_flops: Annotated[float, Field(gt=0)] = 2.0e11
     """for the MFU estimate; set to your hardware's peak"""
     devices: Annotated[int, Field(ge=1)] = 1

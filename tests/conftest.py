@@ -137,7 +137,6 @@ def tiny_params(**sections) -> dict:
             "checkpoint_every": 6,
             "warmup_steps": 2,
             "log_every": 2,
-            "compile": False,  # compiling would take longer than these seconds-long runs train
         },
         "finetune": {"max_steps": 12, "eval_every": 6, "batch_size": 16, "max_length": 32, "warmup_steps": 2},
         "evaluate": {"prompts": ["The king"], "max_new_tokens": 8, "batch_size": 16},

@@ -47,7 +47,6 @@ FAULT_PARAMS = tiny_params(
         "warmup_steps": 2,
         "log_every": 4,
         "max_minutes": 60,
-        "compile": False,  # compiling would take longer than these seconds-long runs train
     },
     finetune={
         "max_steps": 40,

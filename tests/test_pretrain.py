@@ -36,7 +36,6 @@ TINY = {
     "log_every": 5,
     "checkpoint_every": 10,
     "max_minutes": 10,
-    "compile": False,  # compiling takes longer than these runs train; the compiled path has its own tests
 }
 TIMING = ("tokens_per_second", "train_seconds", "mfu")  # wall-clock dependent
 
@@ -130,7 +129,7 @@ def test_same_seed_same_metrics_other_seed_differs(stage):
 
 
 def test_compiled_training_repeats_matches_eager_and_saves_a_plain_model(stage):
-    """pretrain.compile, the default: inductor's kernels give the same metrics for the same seed, the
+    """pretrain.compile: inductor's kernels give the same metrics for the same seed, the
     same numbers as eager PyTorch up to float rounding, and the plain transformers weights."""
 
     def trained(compile_: bool):
