@@ -164,7 +164,7 @@ class PretrainConfig(Section):
     """peak learning rate (AdamW)"""
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     """cosine decay ends at lr × this"""
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    warmup_steps: Annotated[int, Field(ge=0)] = 200
     """linear warm-up steps"""
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
     """AdamW weight decay on matrices (not norms or biases)"""
