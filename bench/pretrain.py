@@ -8,8 +8,9 @@ own training code (tasks.pretrain.train). Prints JSON and writes bench/results/p
     python bench/pretrain.py --loop-gap --seconds 30 --rounds 3   # Trainer vs a plain PyTorch loop
 
 CPU timings drift (other processes, clocks): variants run alternately, round after round, and the
-summary gives each one's ratio to the first variant within the same round. With other processes on
-the cores, `OMP_WAIT_POLICY=PASSIVE` avoids torch's spinning threads slowing down badly.
+summary gives each one's ratio to the first variant within the same round. Beside other busy
+processes torch's spinning threads lose most of their speed (bench/threads.py): measure on an idle
+machine.
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> f
     return 2 * size**3 / best
 
 
+def measure_peaks() -> dict[str, float]:
+    """fp32 is what the CPU trains in (pretrain.precision auto); bf16 beside it: a bf16 run is judged against it."""
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(json.dumps({"matmul_peak_flops": peaks}), file=sys.stderr, flush=True)
+    return peaks
+
+
 def with_measured_mfu(result: dict, peaks: dict[str, float]) -> dict:
     """The stage's mfu is against params' pretrain.peak_flops; add it against the peak measured here for
     the precision the run trained in (a bf16 run against the bf16 peak: against fp32's it would flatter)."""
@@ -212,16 +220,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         variants = {name: (overrides, stage_run) for name, overrides in map(parse_variant, args.variant or ["config:"])}
 
-    # fp32 is what the CPU trains in (pretrain.precision auto); bf16 measured beside it: a bf16 run is judged against it
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(json.dumps({"matmul_peak_flops": peaks}), file=sys.stderr, flush=True)
+    # The peak is measured before the first run and after the last, and the higher one kept: a peak is
+    # a best case, so a reading taken while something else ran is only ever low, and would flatter
+    # every MFU judged against it. MFU against it is added once both readings are in.
+    peaks = measure_peaks()
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, (overrides, fn) in variants.items():
             p = config.load(args.params, [*base, *overrides])
-            result = with_measured_mfu(fn(p, inputs), peaks)
+            result = fn(p, inputs)
             runs[name].append(result)
             print(json.dumps({"round": round_, "variant": name, **result}), file=sys.stderr, flush=True)
+    peaks = {dtype: max(before, after) for (dtype, before), after in zip(peaks.items(), measure_peaks().values())}
+    runs = {name: [with_measured_mfu(r, peaks) for r in results] for name, results in runs.items()}
 
     report = {
         "seconds": args.seconds,
