@@ -56,10 +56,12 @@ run: $(STAMP) $(PLOTS_TEMPLATE)
 # Lint and format first (seconds): a style slip fails before ten minutes of tests. The import layers
 # are checked by tests/test_architecture.py, inside the suite. The ten slowest tests are listed at the
 # end: the suite is meant to stay under 8 minutes on an idle 2-core machine, and they are where it goes.
+# Two workers, one torch thread each: torch's spinning threads lose two thirds of their speed beside
+# another busy process (bench/threads.py), and two workers are two busy processes.
 test: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --durations=10 -m "not integration"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=10 -m "not integration"
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
