@@ -57,11 +57,13 @@ run: $(STAMP) $(PLOTS_TEMPLATE)
 # are checked by tests/test_architecture.py, inside the suite. The ten slowest tests are listed at the
 # end: the suite is meant to stay under 8 minutes on an idle 2-core machine, and they are where it goes.
 # Two workers, one torch thread each: torch's spinning threads lose two thirds of their speed beside
-# another busy process (bench/threads.py), and two workers are two busy processes.
+# another busy process (bench/threads.py), and two workers are two busy processes. --dist loadfile
+# keeps each module on one worker, in order: module fixtures are built once, and tests that build on
+# the one before them (tests/test_flow.py) still follow it.
 test: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=10 -m "not integration"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 -m "not integration"
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration

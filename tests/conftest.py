@@ -14,16 +14,6 @@ from lmline import OFFLINE_ENV, config  # importing lmline sets the offline swit
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup`). Each module stays on
-    one worker, in order, so its module fixtures are built once and its tests run in the order written;
-    the modules that look at the one served pipeline (served_pipeline) share a worker, so it runs once."""
-    served = {item.module.__name__ for item in items if "served_pipeline" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("served_pipeline" if module in served else module))
-
-
 @pytest.fixture(autouse=True)
 def _isolated_verbosity(monkeypatch):
     """The CLI's --quiet/--verbose travel to stage processes in LMLINE_VERBOSITY; a CLI invoked
