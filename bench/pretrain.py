@@ -45,6 +45,16 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [o for o in overrides.split(",") if o]
 
 
+def pretrain_inputs(params: config.Params) -> dict[str, Path]:
+    """The pretrain stage's inputs in this checkout (data/tokens, data/tokenizer); exits with one line
+    when tokenize has not run yet."""
+    inputs, _ = config.stage_io(params, "pretrain")
+    inputs = {k: (REPO / v if not v.is_absolute() else v) for k, v in inputs.items()}
+    if not (inputs["tokens"] / "meta.json").is_file():
+        sys.exit(f"error: {inputs['tokens']} has no tokens yet: run `dvc repro tokenize` first")
+    return inputs
+
+
 def stage_run(params: config.Params, inputs: dict) -> dict:
     """One training run of the stage's code; checkpoints go to a temp folder, nothing else is written."""
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
@@ -210,10 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = config.load(args.params, base)
     except LmlineError as exc:
         sys.exit(f"error: {exc}")
-    inputs, _ = config.stage_io(params, "pretrain")
-    inputs = {k: (REPO / v if not v.is_absolute() else v) for k, v in inputs.items()}
-    if not (inputs["tokens"] / "meta.json").is_file():
-        sys.exit(f"error: {inputs['tokens']} has no tokens yet: run `dvc repro tokenize` first")
+    inputs = pretrain_inputs(params)
 
     if args.loop_gap:
         variants = {"trainer": ([], trainer_loop), "plain_loop": ([], plain_loop)}
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = fn(p, inputs)
             runs[name].append(result)
             print(json.dumps({"round": round_, "variant": name, **result}), file=sys.stderr, flush=True)
-    peaks = {dtype: max(before, after) for (dtype, before), after in zip(peaks.items(), measure_peaks().values())}
+    after = measure_peaks()
+    peaks = {dtype: max(peaks[dtype], after[dtype]) for dtype in peaks}
     runs = {name: [with_measured_mfu(r, peaks) for r in results] for name, results in runs.items()}
 
     report = {

@@ -43,8 +43,7 @@ def child(seconds: float, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     params = config.load(REPO / "params.yaml", [f"pretrain.max_minutes={seconds / 60}"])
-    inputs, _ = config.stage_io(params, "pretrain")
-    inputs = {k: (REPO / v if not v.is_absolute() else v) for k, v in inputs.items()}
+    inputs = bench_pretrain.pretrain_inputs(params)
     return {"threads": torch.get_num_threads(), **bench_pretrain.trainer_loop(params, inputs)}
 
 
