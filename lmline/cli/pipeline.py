@@ -81,6 +81,9 @@ def run(
     import dvc.repo  # noqa: F401  (the flow's `dvc status`; imported here, the import overlaps the server's start)
     import mlflow  # noqa: F401  (the flow's parent run, likewise)
 
+    if store.tracking_uri().startswith("sqlite:"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the embedded store's module: ~1 s, likewise)
+
     from flows.retrain import retrain
 
     # Python's last garbage collection at exit walks every object Prefect, MLflow and DVC created, for
