@@ -17,6 +17,7 @@ Either way the task reads metrics/<stage>.json afterwards and returns a StageRes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -34,7 +36,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from lmline import config, guard, progress
+from lmline import config, guard, progress, stage_host
 from lmline.errors import LmlineError
 from lmline.io import read_json
 from lmline.tracking import runs, store
@@ -66,10 +68,12 @@ def pipeline_stage(
     params_file: str,
     pool: str | None = None,
     up_to_date: bool = False,
+    host: str | None = None,
 ) -> StageResult:
     """Run one DVC stage in the workspace `root`: here, or (`pool`: a work pool's name) through the
     run-stage deployment on that pool's worker. `up_to_date`: `dvc status` found the stage up to date
-    and nothing ran before it in this flow run, so `dvc repro` would only say so: report it cached."""
+    and nothing ran before it in this flow run, so `dvc repro` would only say so: report it cached.
+    `host`: the address of the run's warm stage host (warm_host), which the stage's process hands itself to."""
     log = get_run_logger()
     root_path = Path(root)
     params = config.load(root_path / params_file)
@@ -77,7 +81,7 @@ def pipeline_stage(
     if up_to_date and pool is None and not force:
         status = "cached"
     elif pool is None:
-        status = dvc_repro(stage, root_path, force, parent_run_id, log)
+        status = dvc_repro(stage, root_path, force, parent_run_id, log, host)
     else:
         status = hand_over(stage, root_path, force, parent_run_id, params_file, pool, log)
     metrics_file = root_path / config.metrics_path(params, stage)
@@ -93,7 +97,7 @@ def pipeline_stage(
 
 
 # ---------------------------------------------------------------- here
-def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, str]:
+def stage_env(parent_run_id: str | None, root: Path | None = None, host: str | None = None) -> dict[str, str]:
     """The stage subprocess environment: our venv's bin first (dvc runs `lmline stage`), parent run id."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -103,19 +107,36 @@ def stage_env(parent_run_id: str | None, root: Path | None = None) -> dict[str, 
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     if parent_run_id:
         env[runs.PARENT_ENV] = parent_run_id
+    if host:
+        env[stage_host.ADDRESS_ENV] = host
     return env
 
 
-def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, log) -> str:
+@contextlib.contextmanager
+def warm_host(root: Path, wanted: bool = True) -> Iterator[str | None]:
+    """A warm stage host (lmline/stage_host.py) for the stages this run will execute here, started
+    with their environment (what a stage's request carries replaces it in the child: the parent run's
+    id, DVC's variables); yields its address for pipeline_stage's `host`, or None if not `wanted`
+    (every stage up to date: nothing would use it)."""
+    if not wanted:
+        yield None
+        return
+    with stage_host.hosting(root, stage_env(None, root)) as address:
+        yield address
+
+
+def dvc_repro(stage: str, root: Path, force: bool, parent_run_id: str | None, log, host: str | None = None) -> str:
     """Run one DVC stage, streaming its output to `log`; return 'ran' or 'cached'. `dvc` and the stage
     it runs die with this process, however it ends, leaving DVC's lock free: interrupted here, their
     process group is stopped; killed, the watcher of lmline/guard.py ends them."""
     guard.watch_children()  # already running under `lmline run`; a deployment's flow run starts its own
-    cmd = dvc_command("repro", "--single-item", stage) + (["--force"] if force else [])
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    # Under a host DVC forks from it too, its imports (about half a second a stage) done there.
+    cmd = stage_host.handing_command(host, "dvc.cli:main", ["dvc", *args]) if host else dvc_command(*args)
     proc = subprocess.Popen(
         cmd,
         cwd=root,
-        env=stage_env(parent_run_id, root),
+        env=stage_env(parent_run_id, root, host),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmline import config, guard
+from lmline import config, guard, stage_host
 from lmline.io import write_json
 from lmline.tracking import runs
 
@@ -39,7 +39,11 @@ def call_stage(name: str, params: config.Params, inputs: dict[str, Path], output
 
 
 def process_seconds() -> float:
-    """Wall seconds since this `lmline stage` process started (interpreter start-up and imports included)."""
+    """Wall seconds since this `lmline stage` process started (interpreter start-up and imports included).
+    Under a warm stage host the stage runs in a fork of the host: its start is the handing process's."""
+    handed_over = os.environ.get(stage_host.STARTED_ENV)
+    if handed_over:
+        return time.time() - float(handed_over)
     import psutil
 
     return time.time() - psutil.Process().create_time()
@@ -73,6 +77,8 @@ def run_dvc_stage(name: str, params: config.Params, root: Path | None = None) ->
         metrics = call_stage(name, params, inputs, outputs)
         metrics["stage_seconds"] = round(time.perf_counter() - started, 3)
         metrics["startup_seconds"] = round(startup, 3)
+        # forked from the run's warm stage host (lmline/stage_host.py), or a process of its own
+        metrics["forked_from_stage_host"] = stage_host.STARTED_ENV in os.environ
         # Which MLflow run produced these numbers: a later cached run of the stage links back to it.
         # Asked before the clock is read: waiting for the run (opened beside the work) counts in the stage.
         metrics["mlflow_run_id"] = tracked.run_id

@@ -97,10 +97,10 @@ def test_the_lmline_script_is_main_and_every_user_error_is_one_line(workspace):
     from conftest import REPO
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["lmline"] == "lmline.cli:main"
-    # what the installed script does: import main and call it
+    assert scripts["lmline"] == "lmline.entry:main"
+    # what the installed script does: import main and call it (no stage host here: the CLI runs the command)
     proc = subprocess.run(
-        [sys.executable, "-c", "from lmline.cli import main; main()", "stage", "nosuch"],
+        [sys.executable, "-c", "from lmline.entry import main; main()", "stage", "nosuch"],
         capture_output=True,
         text=True,
         cwd=workspace,

@@ -3,6 +3,7 @@ change re-runs only the stage that lists it."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def test_repro_runs_then_skips_then_reruns_only_the_changed_stage(workspace):
         "metrics/tokenize.json",
     ):
         assert (root / out).exists(), out
+    # `dvc repro` by hand: no run, no stage host, each stage a process of its own
+    assert json.loads((root / "metrics" / "tokenize.json").read_text())["forked_from_stage_host"] is False
 
     assert repro(root, "tokenize") == []
 

@@ -68,6 +68,7 @@ NOT_RESULTS = {
     "process_seconds",
     "mb_per_s",
     "startup_seconds",
+    "forked_from_stage_host",
     "mlflow_run_id",
     "resumed_from_step",
 }

@@ -22,6 +22,7 @@ from lmline import config
 from lmline.cli import app
 from lmline.cli.summary import print_summary
 from lmline.io import read_json
+from lmline.stages import NAMES
 from lmline.tracking import registry, store
 from lmline.tracking import runs as tracking_runs
 
@@ -109,6 +110,8 @@ def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
     )
     assert all(r.info.status == "FINISHED" for r in nested)
     assert all("stage_seconds" in r.data.metrics for r in nested)
+    # every stage forked from the run's warm stage host (lmline/stage_host.py), none imported torch itself
+    assert all(read_json(pipeline / "metrics" / f"{s}.json")["forked_from_stage_host"] for s in NAMES)
     parent = mlflow.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
     # the harness serves a real API, so the tag is the run's page there (ephemeral: tests/test_flow_run_links.py)

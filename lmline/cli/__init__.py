@@ -1,4 +1,4 @@
-"""The `lmline` command (pyproject's script `lmline.cli:main`): thin commands over the modules that work.
+"""The `lmline` command (`main`, called by the script lmline.entry:main): thin commands over the modules that work.
 
   root.py        the typer app, main(), the global options and the one error handler (OneLineErrors)
   pipeline.py    stage (what dvc.yaml's cmd runs: lmline.stage_process), sources, run

@@ -1,0 +1,331 @@
+"""A warm stage host: one process that imports the stages' libraries once, and forks each stage from it.
+
+Every stage is a process of its own (`dvc repro` runs dvc.yaml's `lmline stage NAME`), and a new
+interpreter spends seconds importing torch, transformers and MLflow before its stage can start: about
+20 s of a default run, five or more for each training stage. `lmline run` starts this host beside the
+flow (flows/stage_task.py:warm_host); it imports those modules while the data stages run, between
+requests. `lmline stage` (lmline/entry.py), finding $LMLINE_STAGE_HOST, hands itself over: its
+argv, working directory, environment and its stdin/stdout/stderr (the descriptors themselves, over
+the Unix socket), and the host forks a child that runs the command exactly as that process would have,
+writing to DVC's pipe, and answers with the child's exit status, which the small process exits with.
+DVC still runs the stage, hashes its outputs and writes dvc.lock; only the interpreter start moves.
+
+Fork safety: the host is one thread of Python and forks only between imports, never while one runs
+(the libraries' own native threads, OpenBLAS and jemalloc, handle fork themselves). It runs no torch
+op, so the child's OpenMP pool starts fresh, as in a new process. A child ends the way a new process
+would (its atexit handlers, then exit), and dies with the host (PR_SET_PDEATHSIG).
+
+Nothing outlives the run: when the handing process goes away (DVC stopped, a Ctrl-C, a kill -9 of
+`lmline run` whose guard ends it), the host stops the child's process group, SIGTERM then SIGKILL,
+as flows/stage_task.py:stop_group does for `dvc`. When the host cannot be reached the command runs in
+its own process as before: the host only saves time.
+
+Base layer: the standard library, psutil and lmline.guard here; what the host preloads is named, not imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from lmline import guard
+
+ADDRESS_ENV = "LMLINE_STAGE_HOST"  # the host's socket; set for the `dvc repro` processes of a run
+STARTED_ENV = "LMLINE_STAGE_STARTED"  # when the handing process started (epoch s): the stage's process start
+# What the stages import, cheapest first: each is one step between requests, and a data stage that asks
+# while torch is being imported waits for that step alone. The stage shell's own (MLflow, the CLI) first.
+PRELOAD = (
+    "dvc.cli",
+    "dvc.repo",
+    "lmline.cli",
+    "tasks.ingest",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",  # the SQLite store's module: 1.3 s, on first use otherwise
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "tasks.clean",
+    "matplotlib.pyplot",  # the plots logged as images (lmline.tracking.plots); no display: Agg
+    "tasks.tokenize",
+    "torch",
+    "tasks.pretrain",
+    "tasks.finetune",
+    "tasks.evaluate",
+    "mlflow.transformers",
+)
+HEADER = struct.Struct("!I")  # the request's length, then its JSON
+STATUS = struct.Struct("!i")  # the answer: the command's exit status (128 + N when signal N ended it)
+START_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the handing side (`lmline stage`)
+def hand_over(argv: list[str], address: str, entry: str) -> int | None:
+    """Run `argv` (this process's command line) in a child of the host at `address`, as the function
+    `entry` ("module:function", the script's) would run it here; its exit status, or None when no host
+    answers (the caller then runs the command itself)."""
+    import psutil  # its process start time: ~10 ms, where the CLI's imports take seconds
+
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(address)
+    except OSError:
+        return None
+    request = {
+        "argv": argv,
+        "entry": entry,
+        "cwd": os.getcwd(),
+        "env": {**os.environ, STARTED_ENV: repr(psutil.Process().create_time())},
+    }
+    body = json.dumps(request).encode()
+    with conn:
+        socket.send_fds(conn, [HEADER.pack(len(body)) + body], [0, 1, 2])
+        answer = receive(conn, STATUS.size)
+    if answer is None:
+        print("error: the stage host ended before the stage did", file=sys.stderr)
+        return 1
+    return STATUS.unpack(answer)[0]
+
+
+def receive(conn: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------- starting and stopping a host
+@contextlib.contextmanager
+def hosting(cwd: Path, env: dict[str, str]):
+    """A host for the stages of one run, started with the environment and working directory the stage
+    processes get (so it imports the code they would); yields its address, stops it on the way out."""
+    folder = tempfile.mkdtemp(prefix="lmline-host-")
+    address = os.path.join(folder, "socket")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmline.stage_host", address],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C is the flow's to handle; the host is stopped below
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not os.path.exists(address) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the socket is bound within the interpreter's start, ~0.1 s
+        yield address  # a host that failed to start: `lmline stage` finds no socket and runs itself
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=guard.GRACE_S + 1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the host
+class Host:
+    def __init__(self, address: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(address)  # in a 0700 temp folder: only this user can connect
+        self.listener.listen()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.children: dict[int, dict] = {}  # pid -> {conn, pidfd, kill_at}
+        self.preload = list(PRELOAD)
+
+    def serve(self) -> None:
+        while True:
+            # Import the next module only when no request waits: select with no timeout while preloading.
+            timeout = 0 if self.preload else self.next_deadline()
+            events = self.selector.select(timeout)
+            for key, _ in events:
+                kind, pid = key.data if isinstance(key.data, tuple) else (key.data, None)
+                if kind == "accept":
+                    self.accept()
+                elif kind == "hangup":
+                    self.stop_child(pid)  # the handing process went away: its stage goes too
+                elif kind == "exited":
+                    self.reap(pid)
+            self.kill_overdue()
+            if not events and self.preload:
+                self.import_next()
+
+    def import_next(self) -> None:
+        name = self.preload.pop(0)
+        try:
+            importlib.import_module(name)
+        except Exception:  # the stage's own process will import it and report the error where it belongs
+            log.debug("preloading %s failed", name, exc_info=True)
+
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
+        if len(header) < HEADER.size or len(fds) != 3:
+            conn.close()
+            return
+        (size,) = HEADER.unpack(header)
+        body = receive(conn, size)
+        if body is None:
+            conn.close()
+            return
+        request = json.loads(body)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.run_child(request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        self.children[pid] = {"conn": conn, "pidfd": pidfd, "kill_at": None}
+        self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
+
+    def run_child(self, request: dict, fds: list[int]) -> None:
+        """In the fork: become the handing process's command, run it, exit as that process would."""
+        code = 1
+        try:
+            os.setpgid(0, 0)  # its own group: the host stops the stage and whatever the stage started
+            guard.die_with_parent(signal.SIGKILL)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.selector.close()
+            self.listener.close()
+            for child in self.children.values():
+                if child["conn"] is not None:
+                    child["conn"].close()
+                os.close(child["pidfd"])
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            sys.argv = list(request["argv"])
+            code = run_command(request["entry"])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                logging.shutdown()
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def reap(self, pid: int) -> None:
+        child = self.children.pop(pid)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if child["conn"] is not None:
+            with contextlib.suppress(OSError):
+                child["conn"].sendall(STATUS.pack(128 - code if code < 0 else code))
+            self.selector.unregister(child["conn"])
+            child["conn"].close()
+        self.selector.unregister(child["pidfd"])
+        os.close(child["pidfd"])
+
+    def stop_child(self, pid: int, grace_s: float = guard.GRACE_S) -> None:
+        child = self.children.get(pid)
+        if child is None or child["kill_at"] is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        child["kill_at"] = time.monotonic() + grace_s
+        self.selector.unregister(child["conn"])  # nobody is left to answer
+        child["conn"].close()
+        child["conn"] = None
+
+    def next_deadline(self) -> float | None:
+        deadlines = [c["kill_at"] for c in self.children.values() if c["kill_at"] is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def kill_overdue(self) -> None:
+        for pid, child in self.children.items():
+            if child["kill_at"] is not None and time.monotonic() >= child["kill_at"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + guard.GRACE_S
+        while self.children and time.monotonic() < deadline:
+            for pid in list(self.children):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.children.pop(pid)
+            time.sleep(0.05)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def run_command(entry: str) -> int:
+    """Call `entry` ("module:function") as a console script would, with the command in sys.argv; its exit
+    code (what it returned, as `sys.exit(main())` would make it, or raised with SystemExit)."""
+    module, function = entry.split(":")
+    try:
+        returned = getattr(importlib.import_module(module), function)()
+        return returned if isinstance(returned, int) else 0
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        print(exc.code, file=sys.stderr)
+        return 1
+
+
+def handing_command(address: str, entry: str, argv: list[str]) -> list[str]:
+    """A command line that runs `entry` with `argv` in a child of the host at `address` (or, with no
+    host answering, in its own process): what the flow starts instead of `python -m dvc ...`, so DVC
+    forks from the host with its modules imported. The process itself imports next to nothing."""
+    return [sys.executable, "-m", "lmline.stage_host", "--hand-over", address, entry, *argv]
+
+
+def main(argv: list[str]) -> None:
+    host = Host(argv[0])
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        host.serve()
+    finally:
+        host.stop_all()
+        # Nothing of the host's to flush or close: skip the interpreter's teardown of torch, transformers
+        # and MLflow (seconds, which `lmline run` would wait for at its end).
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--hand-over"]:  # handing_command's process
+        address, entry, *command = sys.argv[2:]
+        code = hand_over(command, address, entry)
+        if code is None:
+            sys.argv = command
+            code = run_command(entry)
+        sys.exit(code)
+    main(sys.argv[1:])

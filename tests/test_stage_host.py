@@ -1,0 +1,143 @@
+"""The warm stage host (lmline/stage_host.py): a real host process, real `lmline stage` processes
+handing themselves over, real signals. The flow's use of it is exercised by every pipeline run in
+test_flow.py and the kill -9 tests in test_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import BIN, tiny_params, wait_for, write_params, write_tiny_corpus
+
+from lmline import guard, stage_host
+
+REPO = Path(__file__).resolve().parents[1]
+# What a stage of a real run sees (flows/stage_task.py:stage_env): our venv first, this checkout's code.
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(("LMLINE_", "MLFLOW_TRACKING", "PREFECT_API"))},
+    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    "PYTHONPATH": str(REPO),
+    "LMLINE_VERBOSITY": "quiet",
+}
+# A command that blocks until it is killed, started by the host like `lmline stage`: it writes its pid
+# and that of a process it started (a datatrove worker, say) so the test can see both end.
+BLOCKER = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys
+    def main():
+        worker = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+        with open("pids.tmp", "w") as f:
+            f.write(f"{os.getpid()} {worker.pid}")
+        os.rename("pids.tmp", "pids")
+        signal.pause()
+    """
+)
+
+
+@pytest.fixture
+def host(tmp_path):
+    """A host serving `tmp_path` (with the blocker module beside it), stopped after the test."""
+    (tmp_path / "blocker.py").write_text(BLOCKER)
+    with stage_host.hosting(tmp_path, {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}) as address:
+        assert os.path.exists(address), "the host bound its socket before hosting() yielded"
+        yield address
+
+
+def lmline_stage(root: Path, *args: str, address: str | None) -> subprocess.CompletedProcess:
+    env = {**ENV, **({stage_host.ADDRESS_ENV: address} if address else {})}
+    return subprocess.run(
+        [str(BIN / "lmline"), "stage", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_stage_handed_to_the_host_writes_what_its_own_process_would(tmp_path, host, mlflow_template):
+    import shutil
+
+    runs = {}
+    for way, address in (("own process", None), ("host", host)):
+        root = tmp_path / way.replace(" ", "-")
+        root.mkdir()
+        write_tiny_corpus(root)
+        write_params(root / "params.yaml", tiny_params())
+        shutil.copy(mlflow_template, root / "mlflow.db")
+        out = lmline_stage(root, "ingest", address=address)
+        assert out.returncode == 0, out.stderr
+        metrics = json.loads((root / "metrics" / "ingest.json").read_text())
+        assert json.loads(out.stdout)["ingest"] == metrics  # the child wrote to the handing process's stdout
+        runs[way] = (root, metrics)
+    (own, own_metrics), (hosted, hosted_metrics) = runs["own process"], runs["host"]
+    raw = sorted(p.relative_to(own) for p in (own / "data").rglob("*") if p.is_file())
+    assert raw and raw == sorted(p.relative_to(hosted) for p in (hosted / "data").rglob("*") if p.is_file())
+    assert all((own / p).read_bytes() == (hosted / p).read_bytes() for p in raw)
+    assert own_metrics["totals"] == hosted_metrics["totals"]
+    assert (own_metrics["forked_from_stage_host"], hosted_metrics["forked_from_stage_host"]) == (False, True)
+    # Timed from the handing process's start, not the fork's: the whole stage, as in its own process.
+    assert hosted_metrics["process_seconds"] >= hosted_metrics["startup_seconds"] + hosted_metrics["stage_seconds"]
+
+
+def test_a_failing_command_fails_the_same_way_through_the_host(tmp_path, host):
+    own, hosted = (lmline_stage(tmp_path, "nosuch", address=a) for a in (None, host))
+    assert own.returncode == hosted.returncode == 1
+    assert hosted.stderr.strip().splitlines()[-1] == own.stderr.strip().splitlines()[-1]
+    assert "error: unknown stage 'nosuch'" in hosted.stderr
+
+
+def test_without_a_host_to_answer_the_stage_runs_in_its_own_process(tmp_path):
+    out = lmline_stage(tmp_path, "nosuch", address=str(tmp_path / "no-such-socket"))
+    assert out.returncode == 1 and "error: unknown stage 'nosuch'" in out.stderr
+
+
+def hand_over_blocker(root: Path, address: str) -> tuple[subprocess.Popen, psutil.Process, psutil.Process]:
+    """A handing process running the blocker in a host child; returns it, the child and the child's worker."""
+    code = "import sys; from lmline import stage_host; "
+    code += f"sys.exit(stage_host.hand_over(['blocker'], {address!r}, 'blocker:main'))"
+    client = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=ENV, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (root / "pids").exists(), "the host's child to start", 60, ())
+    child, worker = (psutil.Process(int(pid)) for pid in (root / "pids").read_text().split())
+    assert child.ppid() != client.pid and child.parent().cmdline()[1:3] == ["-m", "lmline.stage_host"]
+    return client, child, worker
+
+
+def test_kill_9_of_the_handing_process_ends_the_stage_and_what_it_started(tmp_path, host):
+    client, child, worker = hand_over_blocker(tmp_path, host)
+    client.kill()  # SIGKILL: what `dvc` and its command get when the flow stops their group the hard way
+    client.wait()
+    gone, alive = psutil.wait_procs([child, worker], timeout=guard.GRACE_S + 5)
+    assert not alive, f"still running after the handing process died: {alive}"
+
+
+def test_a_stopped_host_ends_the_stage_and_the_handing_process_says_so(tmp_path):
+    (tmp_path / "blocker.py").write_text(BLOCKER)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    with stage_host.hosting(tmp_path, env) as address:
+        client, child, worker = hand_over_blocker(tmp_path, address)
+        host = child.parent()
+    # hosting() has SIGTERMed the host on the way out
+    assert client.wait(timeout=guard.GRACE_S + 10) == 1
+    assert "the stage host ended before the stage did" in client.stderr.read()
+    gone, alive = psutil.wait_procs([child, worker, host], timeout=guard.GRACE_S + 5)
+    assert not alive, f"still running after the host stopped: {alive}"
+
+
+def test_the_exit_status_of_a_signal_is_the_shells(tmp_path, host):
+    """A stage killed by signal N ends its handing process with 128 + N, as a shell reports it."""
+    client, child, worker = hand_over_blocker(tmp_path, host)
+    child.send_signal(signal.SIGKILL)
+    assert client.wait(timeout=30) == 128 + signal.SIGKILL
+    worker.kill()
+
+
+def test_dvc_yaml_still_runs_lmline_stage():
+    """The hand-over sits in the `lmline` script (lmline/entry.py): dvc.yaml's commands stay `lmline stage NAME`."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {s["cmd"] for s in stages.values()} == {f"lmline stage {name}" for name in stages}
+    scripts = (REPO / "pyproject.toml").read_text()
+    assert 'lmline = "lmline.entry:main"' in scripts
