@@ -5,11 +5,15 @@ bench/results/orchestration.json (orchestration-tiny.json with --tiny).
 
     python bench/orchestration.py --tiny                          # the tests' tiny pipeline: minutes
     python bench/orchestration.py                                 # default params and corpus: one full run
-    python bench/orchestration.py --tiny --baseline /work/main    # no-op runs alternate: that checkout, this one
+    python bench/orchestration.py --tiny --baseline /work/main    # every run alternates: that checkout, this one
+    python bench/orchestration.py --baseline DIR --full-rounds 2  # two full runs a side, ABBA
 
-The workspace is a fresh git + DVC repo (tests/conftest.py's make_dvc_repo) in a temp dir with its own
-PREFECT_HOME and MLflow store. The first `lmline run` in it runs every stage (this checkout's code): its
-wall time against the stages' own compute is the overhead figure. Compute is what each stage's process
+Each full run has a fresh git + DVC repo (tests/conftest.py's make_dvc_repo) in a temp dir, with one
+PREFECT_HOME for all and its own MLflow store: `lmline run` there runs every stage, with one side's code
+(`--full-rounds` per side, the sides alternating); its wall time against the stages' own compute is the
+overhead figure. The baseline's code runs under this venv's `lmline` script, lmline/entry.py: a
+checkout from before that file needs a copy of it (and of lmline/stage_host.py, which it imports only
+under a stage host, which such a checkout never starts). Compute is what each stage's process
 spends in its run() after its imports (metrics/<stage>.json's stage_seconds); startup_seconds there is
 what the process spent before (interpreter, imports); the task seconds the summary prints are the
 whole stage (dvc repro, process start, MLflow run included). Overhead = run wall - sum of compute.
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -46,6 +51,12 @@ from lmline.io import write_json  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "orchestration.json"
 BIN = Path(sys.executable).parent
+GIT_AUTHOR = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "b@b.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "b@b.invalid",
+}
 STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate")
 ROW = re.compile(r"^(ingest|clean|tokenize|pretrain|finetune|evaluate)\s+(ran|cached)\s+([0-9.]+)s", re.M)
 
@@ -110,6 +121,28 @@ def full_run(workspace: Path, env: dict[str, str]) -> dict:
     }
 
 
+def with_code(workspace: Path, code: Path) -> Path:
+    """The workspace with `code`'s pipeline (its lmline, tasks, flows and dvc.yaml), committed: the
+    stages run the workspace's own code (flows/stage_task.py:stage_env), not the flow's."""
+    if code == REPO:
+        return workspace  # make_dvc_repo copied this checkout's
+    for item in ("lmline", "tasks", "flows"):
+        shutil.rmtree(workspace / item)
+        shutil.copytree(code / item, workspace / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(code / "dvc.yaml", workspace / "dvc.yaml")
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", f"the pipeline of {code}"]):
+        subprocess.run(cmd, cwd=workspace, check=True, capture_output=True, env={**os.environ, **GIT_AUTHOR})
+    return workspace
+
+
+def overhead_stats(runs: list[dict]) -> dict:
+    """One side's full runs: overhead (s and % of compute), wall and compute, every run and their mean."""
+    keys = ("run_wall_seconds", "sum_compute_seconds", "overhead_seconds", "overhead_percent_of_compute")
+    out = {key: [run[key] for run in runs] for key in keys}
+    out["mean"] = {key: round(statistics.mean(values), 2) for key, values in out.items()}
+    return out
+
+
 def prepare_stores(workspace: Path, env: dict[str, str]) -> None:
     """Create the Prefect database (Prefect's temporary server, started once) and the MLflow store before
     anything is timed: a first run ever pays for both once (tens of seconds), which is set-up, not orchestration."""
@@ -150,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline instead of params.yaml's")
     parser.add_argument("--rounds", type=int, default=3, help="no-op rounds (each: every side, both modes)")
-    parser.add_argument("--baseline", type=Path, help="another checkout whose code the no-op runs alternate with")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose code the runs alternate with")
+    parser.add_argument("--full-rounds", type=int, default=1, help="full runs per side, in fresh workspaces")
     args = parser.parse_args()
     from conftest import make_dvc_repo, tiny_params
 
@@ -164,10 +198,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as tmp:
         tmp = Path(tmp)
         params = tiny_params() if args.tiny else yaml.safe_load((REPO / "params.yaml").read_text())
-        workspace = make_dvc_repo(tmp / "workspace", params)
         home = tmp / "prefect-home"
-        prepare_stores(workspace, run_env(REPO, home, None))
-        result["full_run"] = full_run(workspace, run_env(REPO, home, None))
+        # Full runs: each in a fresh workspace (every stage runs), the sides alternating round by round.
+        full: dict[str, list[dict]] = {side: [] for side in sides}
+        for i in range(args.full_rounds):
+            for side in list(sides) if i % 2 else list(reversed(sides)):
+                workspace = with_code(make_dvc_repo(tmp / f"workspace-{side}-{i}", params), sides[side])
+                prepare_stores(workspace, run_env(sides[side], home, None))
+                full[side].append(full_run(workspace, run_env(sides[side], home, None)))
+                print(f"full run {i} {side}: {full[side][-1]['run_wall_seconds']} s", file=sys.stderr)
+        result["full_run"] = full["this"][-1]
+        result["full_runs"] = {side: overhead_stats(runs) for side, runs in full.items()}
+        workspace = tmp / f"workspace-this-{args.full_rounds - 1}"  # the no-op runs' workspace: all cached
         server, api = start_prefect_server(tmp / "prefect-server-home", tmp / "prefect-server.log")
         try:
             walls: dict[str, list[float]] = {f"{side}/{mode}": [] for side in sides for mode in ("ephemeral", "server")}
@@ -205,6 +247,11 @@ def print_table(result: dict) -> None:
     print(f"{'stage':<9} {'task s':>7} {'startup s':>9} {'compute s':>9}")
     for s in STAGES:
         print(f"{s:<9} {full['task_seconds'][s]:>7} {full['startup_seconds'][s]!s:>9} {full['compute_seconds'][s]:>9}")
+    for side, runs in result.get("full_runs", {}).items():
+        print(
+            f"{side}: overhead {runs['overhead_seconds']} s = {runs['overhead_percent_of_compute']} % of compute "
+            f"{runs['sum_compute_seconds']} s; wall {runs['run_wall_seconds']} s"
+        )
     print(f"\n{'data stage':<10} {'MB':>8} {'MB/s whole':>10} {'MB/s compute':>12}")
     for s, d in full["data_stages"].items():
         print(f"{s:<10} {d['mb']:>8} {d['mb_per_s_whole_stage']:>10} {d['mb_per_s_compute']!s:>12}")
