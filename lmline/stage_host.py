@@ -15,7 +15,8 @@ Fork safety: the host is one thread of Python and forks only between imports, ne
 op, so the child's OpenMP pool starts fresh, as in a new process. A child ends the way a new process
 would (its atexit handlers, then exit), and dies with the host (PR_SET_PDEATHSIG).
 
-Nothing outlives the run: when the handing process goes away (DVC stopped, a Ctrl-C, a kill -9 of
+Nothing outlives the run: the host ends with the process that started it (PR_SET_PDEATHSIG); when
+the handing process goes away (DVC stopped, a Ctrl-C, a kill -9 of
 `lmline run` whose guard ends it), the host stops the child's process group, SIGTERM then SIGKILL,
 as flows/stage_task.py:stop_group does for `dvc`. When the host cannot be reached the command runs in
 its own process as before: the host only saves time.
@@ -119,7 +120,7 @@ def hosting(cwd: Path, env: dict[str, str]):
     folder = tempfile.mkdtemp(prefix="lmline-host-")
     address = os.path.join(folder, "socket")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmline.stage_host", address],
+        [sys.executable, "-m", "lmline.stage_host", address, str(os.getpid())],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -305,12 +306,18 @@ def handing_command(address: str, entry: str, argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    host = Host(argv[0])
+    address, parent = argv[0], int(argv[1])
 
     def stop(signum, frame):
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    # The host ends with the process that started it, however that one ends: a flow run of a deployment
+    # has no guard watching it (lmline/guard.py), and a host nobody stops would wait forever.
+    guard.die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before prctl took effect
+        os._exit(0)
+    host = Host(address)
     try:
         host.serve()
     finally:

@@ -141,3 +141,23 @@ def test_dvc_yaml_still_runs_lmline_stage():
     assert {s["cmd"] for s in stages.values()} == {f"lmline stage {name}" for name in stages}
     scripts = (REPO / "pyproject.toml").read_text()
     assert 'lmline = "lmline.entry:main"' in scripts
+
+
+def test_kill_9_of_the_process_that_started_the_host_ends_the_host_and_its_stage(tmp_path):
+    """A deployment's flow run has no guard watching it: its host must still not outlive it."""
+    (tmp_path / "blocker.py").write_text(BLOCKER)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    starter_code = (
+        "import os, signal, sys; from pathlib import Path; from lmline import stage_host\n"
+        f"with stage_host.hosting(Path({str(tmp_path)!r}), os.environ.copy()) as address:\n"
+        "    print(address, flush=True); signal.pause()\n"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", starter_code], env=env, stdout=subprocess.PIPE, text=True)
+    address = starter.stdout.readline().strip()
+    client, child, worker = hand_over_blocker(tmp_path, address)
+    host = child.parent()
+    starter.kill()
+    starter.wait()
+    assert client.wait(timeout=guard.GRACE_S + 10) == 1
+    gone, alive = psutil.wait_procs([host, child, worker], timeout=guard.GRACE_S + 5)
+    assert not alive, f"still running after the process that started the host died: {alive}"
