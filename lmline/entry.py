@@ -2,8 +2,9 @@
 
 `lmline stage NAME` under a run's warm stage host ($LMLINE_STAGE_HOST, lmline/stage_host.py) hands
 itself to the host, which runs it in a child that has torch, transformers and MLflow imported already;
-this process only waits for the exit status. Everything else, and a stage with no host to answer, is
-the CLI (lmline.cli), imported only then: it takes ~0.5 s, the hand-over ~0.05 s.
+this process only waits for the exit status, having imported lmline.stage_host alone (the standard
+library and psutil). Everything else, and a stage with no host to answer, is the CLI (lmline.cli),
+imported only then (0.43–0.56 s for `import lmline.cli` alone, measured idle).
 """
 
 from __future__ import annotations
