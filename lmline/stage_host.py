@@ -8,9 +8,9 @@ modules, and DVC's, while the first stages run, one at a time between requests. 
 `dvc repro` through handing_command, and `lmline stage` (lmline/entry.py) finds $LMLINE_STAGE_HOST:
 each hands its argv, working directory, environment and stdin/stdout/stderr (the descriptors
 themselves, over the Unix socket) to the host, which forks a child that runs the command exactly as
-that process would have, writing to the same pipe, and answers with the child's exit status, which
-the small process exits with. DVC still runs the stage, hashes its outputs and writes dvc.lock; only
-the interpreters' start-up moves.
+that process would have, writing to the same pipe; the child answers with its exit status (the host,
+for a child a signal ended), which the small process exits with. DVC still runs the stage, hashes its
+outputs and writes dvc.lock; only the interpreters' start-up moves.
 
 Fork safety: the host is one thread of Python and forks only between imports, never while one runs
 (the native threads some libraries start at import, OpenBLAS's and pyarrow's jemalloc's, are theirs
@@ -58,11 +58,19 @@ STARTED_ENV = "LMLINE_STAGE_STARTED"  # when the handing process started (epoch 
 PRELOAD = (
     "dvc.cli",
     "dvc.repo",
+    # what every `dvc repro` imports after that: its argument parser, its Git (scmrepo, dulwich), ruamel
+    "dvc.cli.parser",
+    "dvc.scm",
+    "ruamel.yaml",
     "lmline.cli",
     "tasks.ingest",
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",  # the SQLite store's module: 1.3 s, on first use otherwise
     "mlflow.store.model_registry.sqlalchemy_store",
+    # what a stage's MLflow run imports as it starts: its Git tags (GitPython), the SQLite dialect, tracing's metrics
+    "git",
+    "sqlalchemy.dialects.sqlite",
+    "opentelemetry.sdk.metrics",
     "tasks.clean",
     "matplotlib.pyplot",  # the plots logged as images (lmline.tracking.plots); no display: Agg
     "tasks.tokenize",
@@ -84,8 +92,6 @@ def hand_over(argv: list[str], address: str, entry: str) -> int | None:
     """Run `argv` (this process's command line) in a child of the host at `address`, as the function
     `entry` ("module:function", the script's) would run it here; its exit status, or None when no host
     answers (the caller then runs the command itself)."""
-    import psutil  # its process start time: ~10 ms, where the CLI's imports take seconds
-
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
@@ -95,7 +101,7 @@ def hand_over(argv: list[str], address: str, entry: str) -> int | None:
         "argv": argv,
         "entry": entry,
         "cwd": os.getcwd(),
-        "env": {**os.environ, STARTED_ENV: repr(psutil.Process().create_time())},
+        "env": {**os.environ, STARTED_ENV: repr(started_at())},
     }
     body = json.dumps(request).encode()
     with conn:
@@ -105,6 +111,22 @@ def hand_over(argv: list[str], address: str, entry: str) -> int | None:
         print("error: the stage host ended before the stage did", file=sys.stderr)
         return 1
     return STATUS.unpack(answer)[0]
+
+
+def started_at() -> float:
+    """When this process started, in epoch seconds, to a clock tick: its start in /proc/self/stat (ticks
+    since boot) against CLOCK_BOOTTIME. Not psutil's create_time(), which adds that start to the boot
+    time /proc/stat gives in whole seconds: early by the boot time's fraction, 0.45 s on one machine
+    here, which every stage's startup_seconds and MB/s carried (tests/test_stage_host.py checks this)."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()  # after the command name: fields 3, 4, ...
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+        import psutil
+
+        return psutil.Process().create_time()
 
 
 def receive(conn: socket.socket, size: int) -> bytes | None:
@@ -198,7 +220,7 @@ class Host:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            self.run_child(request, fds)  # never returns
+            self.run_child(request, fds, conn)  # never returns
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -206,8 +228,10 @@ class Host:
         self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
         self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
 
-    def run_child(self, request: dict, fds: list[int]) -> None:
-        """In the fork: become the handing process's command, run it, exit as that process would."""
+    def run_child(self, request: dict, fds: list[int], conn: socket.socket) -> None:
+        """In the fork: become the handing process's command, run it, exit as that process would, and
+        answer the handing process itself: the host, busy with an import for seconds, would answer late
+        (2.8 s after DVC's ingest, measured). The host answers only for a child that ended otherwise."""
         code = 1
         try:
             os.setpgid(0, 0)  # its own group: the host stops the stage and whatever the stage started
@@ -237,6 +261,8 @@ class Host:
                 atexit._run_exitfuncs()
                 sys.stdout.flush()
                 sys.stderr.flush()
+            with contextlib.suppress(BaseException):
+                conn.sendall(STATUS.pack(code))
             os._exit(code)
 
     def reap(self, pid: int) -> None:

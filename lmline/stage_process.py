@@ -41,12 +41,8 @@ def call_stage(name: str, params: config.Params, inputs: dict[str, Path], output
 def process_seconds() -> float:
     """Wall seconds since this `lmline stage` process started (interpreter start-up and imports included).
     Under a warm stage host the stage runs in a fork of the host: its start is the handing process's."""
-    handed_over = os.environ.get(stage_host.STARTED_ENV)
-    if handed_over:
-        return time.time() - float(handed_over)
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
+    started = os.environ.get(stage_host.STARTED_ENV)
+    return time.time() - (float(started) if started else stage_host.started_at())
 
 
 def throughput(metrics: dict) -> dict:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -188,3 +190,60 @@ def test_kill_9_of_the_process_that_started_the_host_ends_the_host_and_its_stage
     assert client.wait(timeout=guard.GRACE_S + 10) == 1
     gone, alive = psutil.wait_procs([host, child, worker], timeout=guard.GRACE_S + 5)
     assert not alive, f"still running after the process that started the host died: {alive}"
+
+
+def test_a_process_start_is_read_to_a_clock_tick():
+    """started_at() is when the process began (the stages' startup_seconds and MB/s count from it), not
+    up to a second earlier, as psutil's create_time() reads it (whole-second boot time)."""
+    code = "import time; now = time.time(); from lmline.stage_host import started_at; print(started_at(), now)"
+    before = time.time()
+    started, printed_at = map(float, subprocess.check_output([sys.executable, "-c", code], env=ENV, text=True).split())
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert before - tick <= started <= printed_at, (before, started, printed_at)
+
+
+# A module the host imports as a preload step that lasts until the test says so: `<name>.started`
+# appears when the import begins, and it ends when the test creates `<name>.go`.
+GATE = textwrap.dedent(
+    """
+    import pathlib, time
+    pathlib.Path(__name__ + ".started").touch()
+    while not pathlib.Path(__name__ + ".go").exists():
+        time.sleep(0.01)
+    """
+)
+
+
+def test_a_stage_is_answered_while_the_host_is_busy_importing(tmp_path):
+    """The child answers its handing process itself: a host in the middle of importing torch (seconds)
+    must not hold a finished stage's `dvc repro`, nor the flow behind it, until the import ends."""
+    for name in ("gate_a", "gate_b"):
+        (tmp_path / f"{name}.py").write_text(GATE)
+    # the stage ends while the host is busy with gate_b
+    (tmp_path / "quick.py").write_text(GATE.replace('__name__ + ".go"', '"gate_b.started"') + "main = lambda: 7\n")
+    address = str(tmp_path / "socket")
+    code = "import sys; from lmline import stage_host as h; h.PRELOAD = ('gate_a', 'gate_b'); h.main(sys.argv[1:])"
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+    try:
+        wait_for(lambda: (tmp_path / "gate_a.started").exists(), "the host's first import", 60, ())
+        # A request while the host imports gate_a: taken when that import ends, before gate_b's begins.
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(address)
+        body = json.dumps({"argv": ["quick"], "entry": "quick:main", "cwd": str(tmp_path), "env": env}).encode()
+        with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+            socket.send_fds(
+                conn,
+                [stage_host.HEADER.pack(len(body)) + body],
+                [null_in.fileno(), null_out.fileno(), null_out.fileno()],
+            )
+        (tmp_path / "gate_a.go").touch()
+        conn.settimeout(60)
+        answer = stage_host.receive(conn, stage_host.STATUS.size)
+        assert answer is not None and stage_host.STATUS.unpack(answer)[0] == 7
+        conn.close()
+    finally:
+        (tmp_path / "gate_a.go").touch()
+        (tmp_path / "gate_b.go").touch()
+        host.terminate()
+        host.wait(timeout=30)
