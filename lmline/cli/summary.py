@@ -23,9 +23,10 @@ def print_summary(summary: dict) -> None:
 
     stages = summary["stages"]
     ran = sum(s["status"] == "ran" for s in stages)
+    flow = f", flow {summary['flow_seconds']:.1f} s" if "flow_seconds" in summary else ""
     typer.echo(
-        f"\nlmline retrain: {ran} of {len(stages)} stages ran, {len(stages) - ran} cached by DVC, "
-        f"{sum(s['seconds'] for s in stages):.1f} s\n"
+        f"\nlmline retrain: {ran} of {len(stages)} stages ran, {len(stages) - ran} cached by DVC; "
+        f"stages {sum(s['seconds'] for s in stages):.1f} s{flow}\n"
     )
     rows = [[s["stage"], s["status"], f"{s['seconds']:.1f}s", key_metrics(StageResult(**s))] for s in stages]
     echo_table(["stage", "status", "time", "key numbers"], rows)
