@@ -12,6 +12,10 @@ import yaml
 from lmline import OFFLINE_ENV, config  # importing lmline sets the offline switches
 
 REPO = Path(__file__).resolve().parent.parent
+# Two test workers, servers and training share two cores: Prefect's temporary server once took more than
+# Prefect's default 20 s to answer in CI on a slow day (`lmline run` failed on it). Every `lmline run`
+# of the tests (in-process or a subprocess copying this environment) waits up to 120 s instead.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(autouse=True)

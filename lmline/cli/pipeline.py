@@ -152,9 +152,15 @@ class TemporaryPrefect:
         deadline = time.monotonic() + TIMEOUT.value()
         while store.health_error(api, 1.0):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                code = self.process.poll()
+                why = (
+                    f"exited {code}; its errors are above"
+                    if code is not None
+                    else f"no answer in {TIMEOUT.value():g} s"
+                )
                 raise LmlineError(
-                    f"Prefect's temporary server did not start (exit code {self.process.poll()}; "
-                    f"its errors are above); set PREFECT_API_URL to a running server instead"
+                    f"Prefect's temporary server did not start ({why}); on a loaded machine raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a running server"
                 )
             time.sleep(0.05)
         return temporary_settings(updates={PREFECT_API_URL: api, PREFECT_UI_URL: ""})
