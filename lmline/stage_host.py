@@ -231,7 +231,8 @@ class Host:
     def run_child(self, request: dict, fds: list[int], conn: socket.socket) -> None:
         """In the fork: become the handing process's command, run it, exit as that process would, and
         answer the handing process itself: the host, busy with an import for seconds, would answer late
-        (2.8 s after DVC's ingest, measured). The host answers only for a child that ended otherwise."""
+        (2.8 s after DVC's ingest, measured). The host's own answer, when it reaps the child, then finds
+        the handing process gone; it is the one that counts for a child a signal ended (128 + N)."""
         code = 1
         try:
             os.setpgid(0, 0)  # its own group: the host stops the stage and whatever the stage started
