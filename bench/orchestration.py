@@ -237,9 +237,9 @@ def main() -> None:
                 full[side].append(full_run(workspace, run_env(sides[side], home, None)))
                 print(f"full run {i} {side}: {full[side][-1]['run_wall_seconds']} s", file=sys.stderr)
         result["full_run"] = full["this"][-1]
-        result["dvc_lock_parse_ms"] = yaml_parse_ms(tmp / f"workspace-this-{args.full_rounds - 1}" / "dvc.lock")
         result["full_runs"] = {side: overhead_stats(runs) for side, runs in full.items()}
         workspace = tmp / f"workspace-this-{args.full_rounds - 1}"  # the no-op runs' workspace: all cached
+        result["dvc_lock_parse_ms"] = yaml_parse_ms(workspace / "dvc.lock")
         server, api = start_prefect_server(tmp / "prefect-server-home", tmp / "prefect-server.log")
         try:
             walls: dict[str, list[float]] = {f"{side}/{mode}": [] for side in sides for mode in ("ephemeral", "server")}

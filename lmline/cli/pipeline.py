@@ -151,8 +151,8 @@ class TemporaryPrefect:
         api = f"http://127.0.0.1:{self.port}/api"
         deadline = time.monotonic() + TIMEOUT.value()
         while store.health_error(api, 1.0):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                code = self.process.poll()
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
                 why = (
                     f"exited {code}; its errors are above"
                     if code is not None
