@@ -82,23 +82,24 @@ def rescore_version(params: config.Params, root: Path, name: str, version: int) 
 
     clean = root / params.paths.clean
     metric = gate_config(params).metric
-    model_dir = registry.resolve_model_uri(f"models:/{name}/{version}")
     rows = finetune_data.read_rows(clean, "test")
     source = finetune_data.pick_source(rows, params.finetune.source, finetune_data.split_path(clean, "test"))
     test = [r for r in rows if r["source"] == source]
-    if params.finetune.task == "classification":
-        task_score = classification_score(params, model_dir, test, metric)
-    else:
-        lm, tokenizer = models.load_causal_lm(model_dir)
-        task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)[
-            "bits_per_byte"
-        ]
+    with registry.local_model(f"models:/{name}/{version}") as model_dir:
+        if params.finetune.task == "classification":
+            task_score = classification_score(params, model_dir, test, metric)
+        else:
+            lm, tokenizer = models.load_causal_lm(model_dir)
+            task_score = evaluate.score_texts(lm, tokenizer, [r["text"] for r in test], params.evaluate.batch_size)[
+                "bits_per_byte"
+            ]
 
     bpb = None  # no base model recorded, or no pretrain test split: the gate refuses on a missing guard
     base = registry.version_tags(name, version).get("lmline.base_model")
     pretrain_test = clean / "pretrain" / "test.parquet"
     if base and pretrain_test.exists():
-        lm, lm_tokenizer = models.load_causal_lm(registry.resolve_model_uri(f"models:/{base}"))
+        with registry.local_model(f"models:/{base}") as base_dir:
+            lm, lm_tokenizer = models.load_causal_lm(base_dir)
         texts = pq.read_table(pretrain_test, columns=["text"]).column("text").to_pylist()
         bpb = evaluate.score_texts(lm, lm_tokenizer, texts, params.evaluate.batch_size)["bits_per_byte"]
     return Scores(float(task_score), bpb, test_split_id(params, root))

@@ -4,6 +4,7 @@ real DVC in a temp git repo, on tiny configs."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 
 import mlflow
@@ -132,11 +133,14 @@ def test_first_run_trains_registers_and_crowns_a_champion(pipeline):
     assert {a.key for a in artifacts} == {"lmline-stages", "lmline-summary"}
 
 
-def test_the_champion_rescore_agrees_with_the_evaluate_stage(pipeline):
-    """What the gate re-measures for a champion when the test split changed is what evaluate measured."""
+def test_the_champion_rescore_agrees_with_the_evaluate_stage(pipeline, tmp_path, monkeypatch):
+    """What the gate re-measures for a champion when the test split changed is what evaluate measured;
+    the models it downloaded from the registry to measure are gone afterwards."""
     params = config.load(pipeline / "params.yaml")
     evaluated = read_json(pipeline / "metrics" / "evaluate.json")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     rescored = rescore_version(params, pipeline, MODEL, champion())
+    assert not list(tmp_path.glob("lmline-model-*"))
     print(
         f"\nre-score vs evaluate, base bits/byte: {rescored.bits_per_byte - evaluated['lm']['test_bits_per_byte']:+.2e}"
     )
@@ -215,14 +219,16 @@ def test_a_worse_candidate_ends_as_challenger(pipeline):
     assert tags["lmline.decision"] == "rejected" and tags["lmline.decision.flow_run_id"] == summary["flow_run_id"]
 
 
-def test_model_cli_against_the_result(pipeline):
+def test_model_cli_against_the_result(pipeline, tmp_path, monkeypatch):
     runner = CliRunner()
     listing = runner.invoke(app, ["models"])
     assert listing.exit_code == 0 and "@champion" in listing.output and "@challenger" in listing.output
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     generated = runner.invoke(app, ["generate", "The king", "--max-new-tokens", "5"])
     assert generated.exit_code == 0 and generated.stdout.startswith("The king")
     classified = runner.invoke(app, ["classify", "a wonderful film"])
     assert classified.exit_code == 0 and json.loads(classified.stdout)["label"] in ("fresh", "rotten")
+    assert not list(tmp_path.glob("lmline-model-*"))  # the registry models they downloaded are removed again
     lineage = runner.invoke(app, ["lineage", f"models:/{MODEL}@champion"])
     assert lineage.exit_code == 0
     for key in ('"git_commit"', '"dvc_deps"', '"flow_run_id"', '"base_model"'):

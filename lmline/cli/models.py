@@ -50,7 +50,8 @@ def evaluate_text(
     """Bits per byte and perplexity of a causal LM on a text file (non-overlapping context windows)."""
     from tasks import evaluate
 
-    result = evaluate.evaluate_text(registry.resolve_model_uri(model), file, batch_size)
+    with registry.local_model(model) as model_dir:
+        result = evaluate.evaluate_text(model_dir, file, batch_size)
     typer.echo(json.dumps({**result, "model": model}, indent=2, sort_keys=True))
 
 
@@ -108,7 +109,8 @@ def generate(
     check_sampling_options(max_new_tokens, temperature, seed)  # before loading a model
     from tasks import evaluate, models
 
-    lm, tokenizer = models.load_causal_lm(registry.resolve_model_uri(model or default_model(cfg, "base")))
+    with registry.local_model(model or default_model(cfg, "base")) as model_dir:
+        lm, tokenizer = models.load_causal_lm(model_dir)
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     sampling = cfg.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     [text] = evaluate.generate_samples(lm, tokenizer, [prompt], sampling, cfg.project.seed if seed is None else seed)
@@ -139,7 +141,8 @@ def classify(
     from tasks import models
 
     cfg = config.load(params, None)
-    clf, tok = models.load_classifier(registry.resolve_model_uri(model or default_model(cfg, "task")))
+    with registry.local_model(model or default_model(cfg, "task")) as model_dir:
+        clf, tok = models.load_classifier(model_dir)
     # encoded exactly as finetune encoded its training examples (bos + text + eos, capped)
     max_length = min(cfg.finetune.max_length, models.context_length(clf.config))
     ids = torch.tensor(models.classification_ids(tok, [text], max_length), device=clf.device)

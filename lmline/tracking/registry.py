@@ -1,5 +1,5 @@
 """The MLflow model registry: reading and moving aliases (all or none), version tags, the registered
-models, registering the models a pipeline run produced, resolving `models:/` URIs to a local dir, and
+models, registering the models a pipeline run produced, fetching a `models:/` URI's model for a while, and
 publishing a version's model card (rendered by lmline.modelcard).
 
 Registry errors never pass silently: `alias_version` tells "no such alias" from "cannot tell", and
@@ -160,29 +160,33 @@ def list_models(prefix: str = "") -> list[dict]:
     return out
 
 
-def resolve_model_uri(uri: str, dst: Path | None = None) -> Path:
+@contextlib.contextmanager
+def local_model(uri: str):
     """A `models:/name/version` or `models:/name@alias` URI -> a local dir with model and tokenizer,
-    loadable by transformers' Auto classes. Local paths pass through unchanged."""
+    loadable by transformers' Auto classes, for the `with` block: a registry model is downloaded to a
+    temporary dir removed on the way out (a scheduled scoring run, a `lmline classify`, would otherwise
+    leave a copy of the model in /tmp each time). Local paths pass through unchanged, never removed."""
     if not uri.startswith("models:/"):
         path = Path(uri)
         if not (path / "config.json").exists():
             raise LmlineError(f"{uri}: no model here (expected a saved transformers model dir with config.json)")
-        return path
+        yield path
+        return
     import shutil
 
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    dst = dst or Path(tempfile.mkdtemp(prefix="lmline-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except Exception as exc:
-        raise LmlineError(f"{uri}: cannot load from the MLflow registry at {tracking_uri()} ({exc})") from None
-    model_dir = local / "model"
-    tokenizer_dir = local / "components" / "tokenizer"
-    for f in tokenizer_dir.glob("*") if tokenizer_dir.exists() else []:
-        shutil.copy2(f, model_dir / f.name)  # one dir, as from_pretrained expects
-    return model_dir
+    with tempfile.TemporaryDirectory(prefix="lmline-model-") as dst:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+        except Exception as exc:
+            raise LmlineError(f"{uri}: cannot load from the MLflow registry at {tracking_uri()} ({exc})") from None
+        model_dir = local / "model"
+        tokenizer_dir = local / "components" / "tokenizer"
+        for f in tokenizer_dir.glob("*") if tokenizer_dir.exists() else []:
+            shutil.copy2(f, model_dir / f.name)  # one dir, as from_pretrained expects
+        yield model_dir
 
 
 def producing_version(params: Params, stage: str) -> str:
