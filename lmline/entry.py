@@ -18,7 +18,9 @@ def main() -> None:
         from lmline import stage_host
 
         address = os.environ.get(stage_host.ADDRESS_ENV)
-        code = stage_host.hand_over(sys.argv, address, "lmline.cli:main") if address else None
+        # `lmline stage NAME` runs tasks/NAME.py (dvc.yaml): the module by which the host picks its forker
+        needs = f"tasks.{sys.argv[2]}" if len(sys.argv) > 2 else None
+        code = stage_host.hand_over(sys.argv, address, "lmline.cli:main", needs) if address else None
         if code is not None:
             sys.exit(code)
     from lmline.cli import main as cli

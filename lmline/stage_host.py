@@ -4,7 +4,9 @@ Every stage is a process of its own (`dvc repro` runs dvc.yaml's `lmline stage N
 interpreter spends seconds importing torch, transformers and MLflow before its stage can start: 18.4 s
 of a default run, 4.3–5.2 s for each training stage (metrics' startup_seconds, one idle run).
 `lmline run` starts this host beside the flow (flows/stage_task.py:warm_host); it imports those
-modules, and DVC's, while the first stages run, one at a time between requests. The flow starts
+modules, and DVC's, while the first stages run, one at a time between requests; once the data stages'
+modules are in, it forks a second host, the training host, which goes on to torch and the training
+stages' modules while the first forks every other request at once (Host.split). The flow starts
 `dvc repro` through handing_command, and `lmline stage` (lmline/entry.py) finds $LMLINE_STAGE_HOST:
 each hands its argv, working directory, environment and stdin/stdout/stderr (the descriptors
 themselves, over the Unix socket) to the host, which forks a child that runs the command exactly as
@@ -12,7 +14,7 @@ that process would have, writing to the same pipe; the child answers with its ex
 for a child a signal ended), which the small process exits with. DVC still runs the stage, hashes its
 outputs and writes dvc.lock; only the interpreters' start-up moves.
 
-Fork safety: the host is one thread of Python and forks only between imports, never while one runs
+Fork safety: each host is one thread of Python and forks only between imports, never while one runs
 (the native threads some libraries start at import, OpenBLAS's and pyarrow's jemalloc's, are theirs
 to handle across a fork, as under multiprocessing's fork). It runs no torch op, so the child's
 OpenMP pool starts fresh, as in a new process: tests/test_stage_host.py checks that the stages from
@@ -20,7 +22,8 @@ ingest to pretrain write the same bytes and metrics forked as in processes of th
 ends the way a new process would (its atexit handlers, then exit), and dies with the host
 (PR_SET_PDEATHSIG).
 
-Nothing outlives the run: the host ends with the process that started it (PR_SET_PDEATHSIG), and
+Nothing outlives the run: the host ends with the process that started it (PR_SET_PDEATHSIG), the
+training host with the first host (which stops it, and whose death it is also told of), and each
 stops a child's process group (SIGTERM, then SIGKILL) when the process that handed it over goes
 away (DVC stopped, a Ctrl-C, a kill -9 of `lmline run` whose guard ends it), as
 flows/stage_task.py:stop_group does for `dvc`. When no host answers, the command runs in its own
@@ -53,8 +56,8 @@ from lmline import guard
 
 ADDRESS_ENV = "LMLINE_STAGE_HOST"  # the host's socket; set for the `dvc repro` processes of a run
 STARTED_ENV = "LMLINE_STAGE_STARTED"  # when the handing process started (epoch s): the stage's process start
-# What the stages import, cheapest first: each is one step between requests, and a data stage that asks
-# while torch is being imported waits for that step alone. The stage shell's own (MLflow, the CLI) first.
+# What the stages import, cheapest first: each is one step between requests, and a stage that asks while
+# one runs waits for that step. The stage shell's own (MLflow, the CLI) first, then the data stages'.
 PRELOAD = (
     "dvc.cli",
     "dvc.repo",
@@ -74,12 +77,20 @@ PRELOAD = (
     "tasks.clean",
     "matplotlib.pyplot",  # the plots logged as images (lmline.tracking.plots); no display: Agg
     "tasks.tokenize",
+)
+# What only the training stages import, torch a step of seconds: the training host's (Host.split). A
+# "module:function" step calls that function: one that fills a cache every training stage would fill.
+TRAINING_PRELOAD = (
     "torch",
     "tasks.pretrain",
     "tasks.finetune",
     "tasks.evaluate",
     "mlflow.transformers",
+    # the installed packages' module map (importlib_metadata.packages_distributions, 1.2 s here), which
+    # logging a model builds to check its pip requirements: once here, not in pretrain and finetune each
+    "mlflow.utils.requirements_utils:_init_modules_to_packages_map",
 )
+SPLIT = None  # the first host's step after PRELOAD: fork the training host
 HEADER = struct.Struct("!I")  # the request's length, then its JSON
 STATUS = struct.Struct("!i")  # the answer: the command's exit status (128 + N when signal N ended it)
 START_TIMEOUT_S = 10.0
@@ -88,10 +99,11 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the handing side (`lmline stage`)
-def hand_over(argv: list[str], address: str, entry: str) -> int | None:
+def hand_over(argv: list[str], address: str, entry: str, needs: str | None = None) -> int | None:
     """Run `argv` (this process's command line) in a child of the host at `address`, as the function
     `entry` ("module:function", the script's) would run it here; its exit status, or None when no host
-    answers (the caller then runs the command itself)."""
+    answers (the caller then runs the command itself). `needs`: the module the command's work is in
+    (`tasks.pretrain`), by which the host picks the host that has it imported."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
@@ -100,6 +112,7 @@ def hand_over(argv: list[str], address: str, entry: str) -> int | None:
     request = {
         "argv": argv,
         "entry": entry,
+        "needs": needs,
         "cwd": os.getcwd(),
         "env": {**os.environ, STARTED_ENV: repr(started_at())},
     }
@@ -172,13 +185,17 @@ def hosting(cwd: Path, env: dict[str, str]):
 # ---------------------------------------------------------------- the host
 class Host:
     def __init__(self, address: str) -> None:
+        self.address: str | None = address  # its socket, for the first host to remove (close)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(address)  # in a 0700 temp folder: only this user can connect
         self.listener.listen()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.children: dict[int, dict] = {}  # pid -> {conn, pidfd, kill_at}
-        self.preload = list(PRELOAD)
+        self.preload = [*PRELOAD, SPLIT]
+        self.training: socket.socket | None = None  # the first host's channel to the training host
+        self.training_pid: int | None = None
+        self.channel: socket.socket | None = None  # the training host's, from the first host
 
     def serve(self) -> None:
         while True:
@@ -188,34 +205,84 @@ class Host:
             for key, _ in events:
                 kind, pid = key.data if isinstance(key.data, tuple) else (key.data, None)
                 if kind == "accept":
-                    self.accept()
+                    self.take(self.listener.accept()[0])
+                elif kind == "handed_on":
+                    self.take(self.channel)
                 elif kind == "hangup":
                     self.stop_child(pid)  # the handing process went away: its stage goes too
                 elif kind == "exited":
                     self.reap(pid)
             self.kill_overdue()
             if not events and self.preload:
-                self.import_next()
+                self.next_step()
 
-    def import_next(self) -> None:
+    def next_step(self) -> None:
         name = self.preload.pop(0)
+        if name is SPLIT:
+            self.split()
+            return
+        module, _, function = name.partition(":")
         try:
-            importlib.import_module(name)
+            imported = importlib.import_module(module)
+            if function:
+                getattr(imported, function)()
         except Exception:  # the stage's own process will import it and report the error where it belongs
             log.debug("preloading %s failed", name, exc_info=True)
 
-    def accept(self) -> None:
-        conn, _ = self.listener.accept()
-        header, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
-        if len(header) < HEADER.size or len(fds) != 3:
-            conn.close()
+    def split(self) -> None:
+        """Fork the training host, once the data stages' modules are in: it imports TRAINING_PRELOAD
+        (torch alone takes seconds, one step) and serves the requests that need those modules, which
+        this host hands on to it; this host, done importing, forks every other request at once. With
+        one host, a data stage asking during the torch step waited for it (1.5–1.8 s, measured)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            theirs.close()
+            self.training, self.training_pid = ours, pid
             return
-        (size,) = HEADER.unpack(header)
-        body = receive(conn, size)
-        if body is None:
-            conn.close()
+        guard.die_with_parent(signal.SIGTERM)  # it ends with the first host, whose own stop_all ends it first
+        if os.getppid() != parent:
+            os._exit(0)
+        self.close_inherited()
+        ours.close()
+        self.children, self.address, self.channel = {}, None, theirs
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(theirs, selectors.EVENT_READ, "handed_on")
+        self.preload = list(TRAINING_PRELOAD)
+
+    def close_inherited(self) -> None:
+        """In a fork: close what belongs to the host forked from (its socket, its children's handles)."""
+        self.selector.close()
+        self.listener.close()
+        for sock in (self.training, self.channel):
+            if sock is not None:
+                sock.close()
+        for child in self.children.values():
+            if child["conn"] is not None:
+                child["conn"].close()
+            os.close(child["pidfd"])
+
+    def take(self, source: socket.socket) -> None:
+        """One request: from the handing process's connection (`source`), or, in the training host, from
+        the first host's channel with that connection as a fourth descriptor. Start its child here, or
+        hand it on to the training host when its `needs` is one of that host's modules."""
+        handed_on = source is self.channel
+        header, fds, _, _ = socket.recv_fds(source, HEADER.size, 4 if handed_on else 3)
+        body = receive(source, HEADER.unpack(header)[0]) if len(header) == HEADER.size else None
+        if body is None or len(fds) != (4 if handed_on else 3):
+            for fd in fds:
+                os.close(fd)
+            if handed_on:  # the first host has gone (it ends this one as it goes): nothing more will come
+                raise SystemExit(0)
+            source.close()
             return
+        conn = socket.socket(fileno=fds.pop()) if handed_on else source
         request = json.loads(body)
+        if request.get("needs") in TRAINING_PRELOAD and self.hand_on(HEADER.pack(len(body)) + body, fds, conn):
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -227,6 +294,23 @@ class Host:
         self.children[pid] = {"conn": conn, "pidfd": pidfd, "kill_at": None}
         self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
         self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
+
+    def hand_on(self, message: bytes, fds: list[int], conn: socket.socket) -> bool:
+        """Pass a request, its descriptors and its connection to the training host; False when there is
+        none (not forked yet, or gone), and the request is served here (its child imports the rest)."""
+        if self.training is None:
+            return False
+        try:
+            sent = socket.send_fds(self.training, [message], [*fds, conn.fileno()])
+            self.training.sendall(message[sent:])
+        except OSError:
+            self.training.close()
+            self.training = None
+            return False
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return True
 
     def run_child(self, request: dict, fds: list[int], conn: socket.socket) -> None:
         """In the fork: become the handing process's command, run it, exit as that process would, and
@@ -240,12 +324,7 @@ class Host:
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.selector.close()
-            self.listener.close()
-            for child in self.children.values():
-                if child["conn"] is not None:
-                    child["conn"].close()
-                os.close(child["pidfd"])
+            self.close_inherited()
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
                 os.close(fd)
@@ -300,18 +379,36 @@ class Host:
                     os.killpg(pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
-        for pid in list(self.children):
+        """At the host's end: SIGTERM every stage's group and the training host (which stops its own
+        stages, within the grace), SIGKILL whatever is left after the grace."""
+        ending = [(pid, os.killpg) for pid in self.children]
+        if self.training_pid is not None:
+            ending.append((self.training_pid, os.kill))
+        for pid, kill in ending:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + guard.GRACE_S
-        while self.children and time.monotonic() < deadline:
-            for pid in list(self.children):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    self.children.pop(pid)
+                kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + guard.GRACE_S + 1  # the training host's own grace, then its exit
+        while ending and time.monotonic() < deadline:
+            ending = [(pid, kill) for pid, kill in ending if not ended(pid)]
             time.sleep(0.05)
-        for pid in self.children:
+        for pid, kill in ending:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """The first host's socket and its folder (hosting() made it for this host): hosting() removes
+        them too, but not when the process that started the host was killed (kill -9 of `lmline run`)."""
+        if self.address is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
+                os.rmdir(os.path.dirname(self.address))
+
+
+def ended(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:  # reaped already
+        return True
 
 
 def run_command(entry: str) -> int:
@@ -353,6 +450,7 @@ def main(argv: list[str]) -> None:
     try:
         host.serve()
     finally:
+        host.close()  # first: nothing more will be asked, and stopping the stages may outlast the guard's grace
         host.stop_all()
         # Nothing of the host's to flush or close: skip the interpreter's teardown of torch, transformers
         # and MLflow (seconds, which `lmline run` would wait for at its end).

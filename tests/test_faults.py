@@ -250,7 +250,8 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
     shutil.copy(mlflow_template, workspace / "mlflow.db")
     # pretrain's inputs as the tokenize stage makes them (same params), so the run gets there sooner
     shutil.copytree(prepared["root"] / "data", workspace / "data")
-    env = stage_env(tmp_path)
+    env = {**stage_env(tmp_path), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
     log = tmp_path / "run.log"
     proc = subprocess.Popen(
         [str(BIN / "lmline"), "run", "--stage", "pretrain", "--no-promote"],
@@ -283,6 +284,7 @@ def test_kill_9_of_lmline_run_ends_its_children_and_frees_the_workspace(prepared
         _, alive = psutil.wait_procs(tree, timeout=60)  # the watcher itself ends too once it is done
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"left running after kill -9 of lmline run: {[p.cmdline() for p in alive]}"
+        assert not list((tmp_path / "tmp").glob("lmline-host-*")), "the stage host's socket folder was left behind"
     finally:
         if proc.poll() is None:
             proc.kill()

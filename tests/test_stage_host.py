@@ -4,6 +4,8 @@ test_flow.py and the kill -9 tests in test_faults.py."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -222,7 +224,8 @@ def test_a_stage_is_answered_while_the_host_is_busy_importing(tmp_path):
     # the stage ends while the host is busy with gate_b
     (tmp_path / "quick.py").write_text(GATE.replace('__name__ + ".go"', '"gate_b.started"') + "main = lambda: 7\n")
     address = str(tmp_path / "socket")
-    code = "import sys; from lmline import stage_host as h; h.PRELOAD = ('gate_a', 'gate_b'); h.main(sys.argv[1:])"
+    code = "import sys; from lmline import stage_host as h; h.PRELOAD = ('gate_a', 'gate_b'); "
+    code += "h.TRAINING_PRELOAD = (); h.main(sys.argv[1:])"
     env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
     host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
     try:
@@ -247,3 +250,65 @@ def test_a_stage_is_answered_while_the_host_is_busy_importing(tmp_path):
         (tmp_path / "gate_b.go").touch()
         host.terminate()
         host.wait(timeout=30)
+
+
+# A command that says which process forked it, and whether the training host's module was imported and
+# its function step (remember) called there.
+PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    REMEMBERED = False
+    def remember():
+        global REMEMBERED
+        REMEMBERED = True
+    def main():
+        with open(sys.argv[1], "w") as f:
+            json.dump({"parent": os.getppid(), "preloaded": "gate_t" in sys.modules, "called": REMEMBERED}, f)
+    """
+)
+
+
+def test_a_data_stage_is_not_held_by_the_training_hosts_imports(tmp_path):
+    """The training stages' modules (torch: seconds, one import step) are the training host's to import:
+    a data stage asking meanwhile is forked at once by the first host; a stage that needs them waits for
+    the training host, which was forked from the first host and forks it with them imported."""
+    (tmp_path / "gate_t.py").write_text(GATE)
+    (tmp_path / "probe.py").write_text(PROBE)
+    address = str(tmp_path / "socket")
+    code = "import sys; from lmline import stage_host as h; h.PRELOAD = (); "
+    code += "h.TRAINING_PRELOAD = ('gate_t', 'probe:remember'); h.main(sys.argv[1:])"
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+
+    def probe(out: str, needs: str | None) -> dict:
+        hand = f"import sys; from lmline import stage_host as h; sys.exit(h.hand_over(['probe', {out!r}], "
+        hand += f"{address!r}, 'probe:main', {needs!r}))"
+        assert subprocess.run([sys.executable, "-c", hand], cwd=tmp_path, env=env, timeout=60).returncode == 0
+        return json.loads((tmp_path / out).read_text())
+
+    try:
+        wait_for(lambda: (tmp_path / "gate_t.started").exists(), "the training host's import", 60, ())
+        [training_host] = psutil.Process(host.pid).children()
+        data = probe("data.json", None)  # while gate_t is imported
+        assert data == {"parent": host.pid, "preloaded": False, "called": False}
+        (tmp_path / "gate_t.go").touch()
+        training = probe("training.json", "gate_t")
+        assert training == {"parent": training_host.pid, "preloaded": True, "called": True}
+    finally:
+        (tmp_path / "gate_t.go").touch()
+        host.terminate()
+        host.wait(timeout=30)
+    gone, alive = psutil.wait_procs([training_host], timeout=10)
+    assert not alive, "the training host outlived the first host"
+    assert not os.path.exists(address), "the first host removes its socket as it ends"
+
+
+def test_every_preload_step_names_what_there_is():
+    """A step that names nothing would fail quietly (the stage imports or builds it itself, slower): the
+    function steps name private MLflow functions, which an upgrade may rename."""
+    for step in (*stage_host.PRELOAD, *stage_host.TRAINING_PRELOAD):
+        module, _, function = step.partition(":")
+        if function:
+            assert callable(getattr(importlib.import_module(module), function)), step
+        else:
+            assert importlib.util.find_spec(module) is not None, step
