@@ -8,11 +8,14 @@ nest under it through $LMLINE_PARENT_RUN_ID; a cached stage gets a nested run ta
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -21,7 +24,7 @@ from prefect.settings import PREFECT_UI_URL
 from flows import promotion, routing
 from flows.scoring import candidate_scores, gate_config, rescore_version
 from flows.stage_task import StageResult, pipeline_stage, warm_host
-from lmline import config
+from lmline import config, stage_host
 from lmline.errors import LmlineError
 from lmline.io import atomic_path
 from lmline.stages import GATE_STAGE, MODEL_STAGE, NAMES, STAGES
@@ -33,6 +36,41 @@ def workspace_lock(root: Path):
     """The lock that serialises pipeline runs in one workspace: DVC takes a repo lock of its own, and
     two flows would collide on it; params.yaml is rewritten only under this lock too."""
     return FileLock(str(root / ".dvc" / "tmp" / "lmline-retrain.lock"))
+
+
+def held_by_another_run(root: Path) -> bool:
+    """Whether another process holds the workspace lock now (FileLock's is_locked tells only of its own)."""
+    lock = workspace_lock(root)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+@contextlib.contextmanager
+def early_host(root: Path, stages: list[str] | None, force: bool) -> Iterator[None]:
+    """`lmline run`'s head start for the stage host, taken while Prefect's temporary server boots (the
+    command only waits then): when a quick `dvc status` says a selected stage will run, the host starts
+    now and imports DVC, MLflow and the data stages' modules before the flow's first stage asks for
+    them; the flow's warm_host takes it ($LMLINE_STAGE_HOST). The flow still decides what runs, under
+    the workspace lock; a host it then does not need is stopped unused. With another run holding this
+    workspace, or any error here, no head start: the flow starts its own host as it would."""
+    selected = set(stages or NAMES)
+    try:
+        will_run = not held_by_another_run(root) and (force or not selected <= up_to_date_stages(root))
+    except Exception:  # the flow meets whatever this was again, and says so
+        will_run = False
+    if not will_run:
+        yield
+        return
+    with warm_host(root) as address:
+        os.environ[stage_host.ADDRESS_ENV] = address
+        try:
+            yield
+        finally:
+            os.environ.pop(stage_host.ADDRESS_ENV, None)
 
 
 def write_overrides(params_path: Path, overrides: dict) -> config.Params:
@@ -87,7 +125,7 @@ def retrain(
 
     # DVC takes a repo lock; two flows in one workspace would collide on it, so they queue here.
     lock = workspace_lock(root)
-    log.info("waiting for the workspace lock" if lock.is_locked else "workspace lock free")
+    log.info("waiting for the workspace lock" if held_by_another_run(root) else "workspace lock free")
     with lock:
         if parsed:  # validated again as merged into params.yaml as it is now, under the lock
             params = write_overrides(params_path, parsed)

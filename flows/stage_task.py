@@ -117,9 +117,14 @@ def warm_host(root: Path, wanted: bool = True) -> Iterator[str | None]:
     """A warm stage host (lmline/stage_host.py) for the stages this run will execute here, started
     with their environment (what a stage's request carries replaces it in the child: the parent run's
     id, DVC's variables); yields its address for pipeline_stage's `host`, or None if not `wanted`
-    (every stage up to date: nothing would use it)."""
+    (every stage up to date: nothing would use it). The host `lmline run` started while Prefect's server
+    booted (flows/retrain.py:early_host) is taken as it is."""
     if not wanted:
         yield None
+        return
+    started = os.environ.get(stage_host.ADDRESS_ENV)
+    if started and os.path.exists(started):
+        yield started
         return
     with stage_host.hosting(root, stage_env(None, root)) as address:
         yield address

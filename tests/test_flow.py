@@ -4,6 +4,9 @@ real DVC in a temp git repo, on tiny configs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,9 +20,10 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows import scoring
-from flows.retrain import retrain, write_overrides
+from flows.retrain import early_host, held_by_another_run, retrain, workspace_lock, write_overrides
 from flows.scoring import rescore_version
-from lmline import config
+from flows.stage_task import warm_host
+from lmline import config, stage_host
 from lmline.cli import app
 from lmline.cli.summary import print_summary
 from lmline.io import read_json
@@ -199,6 +203,39 @@ def test_second_run_is_all_cached_and_quick(pipeline, monkeypatch):
     assert champion() == before
     # the models behind the cached outputs are registered already: no second version of them
     assert {name: set(model["versions"]) for name, model in registry_state().items()} == versions_before
+
+
+def test_lmline_runs_head_start_starts_a_host_only_when_a_stage_will_run(pipeline):
+    """flows/retrain.early_host: with every stage up to date no host starts (a no-op run pays nothing for
+    it); forced, one starts and the flow's warm_host takes it; with the workspace held by another run
+    (whose DVC lock a `dvc status` would meet), none."""
+    with early_host(pipeline, None, False):
+        assert stage_host.ADDRESS_ENV not in os.environ
+    with early_host(pipeline, ["pretrain"], True):
+        address = os.environ[stage_host.ADDRESS_ENV]
+        with warm_host(pipeline) as taken:
+            assert taken == address and os.path.exists(address)
+    assert stage_host.ADDRESS_ENV not in os.environ and not os.path.exists(address)
+    other_run = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print(flush=True); time.sleep(60)",
+            str(workspace_lock(pipeline).lock_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        other_run.stdout.readline()  # it holds the lock
+        assert held_by_another_run(pipeline)
+        with early_host(pipeline, None, True):
+            assert stage_host.ADDRESS_ENV not in os.environ
+    finally:
+        other_run.kill()
+        other_run.wait()
+    assert not held_by_another_run(pipeline)
 
 
 def test_a_worse_candidate_ends_as_challenger(pipeline):

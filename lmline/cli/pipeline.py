@@ -84,12 +84,15 @@ def run(
     if store.tracking_uri().startswith("sqlite:"):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the embedded store's module: ~1 s, likewise)
 
-    from flows.retrain import retrain
+    from flows.retrain import early_host, retrain
 
     # Python's last garbage collection at exit walks every object Prefect, MLflow and DVC created, for
     # nothing: the process ends anyway, so freeze them out of it (atexit handlers still run first).
     atexit.register(gc.freeze)
-    with server.settings():
+    # While a temporary server boots, the stage host can start (when a stage will run): it imports for the
+    # first stages in time this command would spend waiting. A server of the user's answers at once.
+    head_start = early_host(Path.cwd(), stages, force) if server.process else contextlib.nullcontext()
+    with head_start, server.settings():
         started = time.perf_counter()
         summary = retrain(overrides=set_, stages=stages, promote=promote, force=force, params_file=str(params))
         # the flow's wall time, its run's creation and end in Prefect included: what issue-style overhead
