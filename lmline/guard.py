@@ -79,10 +79,14 @@ def end_marked(token: str, grace_s: float = GRACE_S) -> None:
             pass
 
 
-def die_with_parent(sig: int) -> None:
+def die_with_parent(sig: int, parent: int | None = None) -> None:
+    """Have Linux send this process `sig` when its parent ends. With `parent` (the pid it was started
+    by): a parent that ended before prctl took effect sends nothing, so exit now, as the signal would."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
 
 
 def main(argv: list[str]) -> int:

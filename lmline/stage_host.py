@@ -243,9 +243,7 @@ class Host:
             theirs.close()
             self.training, self.training_pid = ours, pid
             return
-        guard.die_with_parent(signal.SIGTERM)  # it ends with the first host, whose own stop_all ends it first
-        if os.getppid() != parent:
-            os._exit(0)
+        guard.die_with_parent(signal.SIGTERM, parent)  # with the first host, whose own stop_all ends it first
         self.close_inherited()
         ours.close()
         self.children, self.address, self.channel = {}, None, theirs
@@ -270,9 +268,10 @@ class Host:
         the first host's channel with that connection as a fourth descriptor. Start its child here, or
         hand it on to the training host when its `needs` is one of that host's modules."""
         handed_on = source is self.channel
-        header, fds, _, _ = socket.recv_fds(source, HEADER.size, 4 if handed_on else 3)
+        descriptors = 4 if handed_on else 3
+        header, fds, _, _ = socket.recv_fds(source, HEADER.size, descriptors)
         body = receive(source, HEADER.unpack(header)[0]) if len(header) == HEADER.size else None
-        if body is None or len(fds) != (4 if handed_on else 3):
+        if body is None or len(fds) != descriptors:
             for fd in fds:
                 os.close(fd)
             if handed_on:  # the first host has gone (it ends this one as it goes): nothing more will come
@@ -443,9 +442,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, stop)
     # The host ends with the process that started it, however that one ends: a flow run of a deployment
     # has no guard watching it (lmline/guard.py), and a host nobody stops would wait forever.
-    guard.die_with_parent(signal.SIGTERM)
-    if os.getppid() != parent:  # it ended before prctl took effect
-        os._exit(0)
+    guard.die_with_parent(signal.SIGTERM, parent)
     host = Host(address)
     try:
         host.serve()
