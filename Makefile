@@ -59,7 +59,8 @@ run: $(STAMP) $(PLOTS_TEMPLATE)
 # Two workers, one torch thread each: torch's spinning threads lose two thirds of their speed beside
 # another busy process (bench/threads.py), and two workers are two busy processes. --dist loadfile
 # keeps each module on one worker, in order: module fixtures are built once, and tests that build on
-# the one before them (tests/test_flow.py) still follow it.
+# the one before them (tests/test_flow.py) still follow it; tests/conftest.py's scheduler keeps the
+# modules that look at the served run together too, so that ~100 s fixture is built once.
 test: $(STAMP) $(PLOTS_TEMPLATE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -18,6 +18,37 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+# The modules whose tests look at the one served run (`served_pipeline`: two servers and a whole
+# `lmline run`, ~100 s to build), kept on one pytest-xdist worker so that it is built once.
+SERVED_RUN_MODULES = ("tests/test_browser.py", "tests/test_modelcard.py", "tests/test_status.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (make test) keeps each module on one worker, in order; this scheduler also keeps
+    SERVED_RUN_MODULES together, where they would otherwise land on both workers and each build the
+    served run. (xdist's `--dist loadgroup` would say it with marks, but pytest 9.2 ignores the test
+    ids it rewrites for them.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServedRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "served_pipeline" if module in SERVED_RUN_MODULES else module
+
+    return ServedRunTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    outside = sorted(
+        {i.nodeid.split("::")[0] for i in items if "served_pipeline" in i.fixturenames} - set(SERVED_RUN_MODULES)
+    )
+    if outside:
+        raise pytest.UsageError(f"{outside} use served_pipeline: add them to SERVED_RUN_MODULES (tests/conftest.py)")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_verbosity(monkeypatch):
     """The CLI's --quiet/--verbose travel to stage processes in LMLINE_VERBOSITY; a CLI invoked
