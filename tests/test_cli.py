@@ -114,3 +114,15 @@ def test_the_lmline_script_is_main_and_every_user_error_is_one_line(workspace):
     result = CliRunner().invoke(app, ["promote", "no-such-model", "3"])
     line = one_line_error(result)
     assert line.startswith("error: ") and "no-such-model" in line and "Traceback" not in result.output
+
+
+def test_the_script_launches_prefects_temporary_server_only_for_a_run_that_needs_it(monkeypatch):
+    from lmline.entry import runs_the_pipeline
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert runs_the_pipeline(["run"]) and runs_the_pipeline(["-v", "run", "--stage", "ingest"])
+    assert not runs_the_pipeline(["run", "--help"])
+    assert not runs_the_pipeline(["status"]) and not runs_the_pipeline(["stage", "ingest"])
+    assert not runs_the_pipeline([])
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # the user's server: nothing to launch
+    assert not runs_the_pipeline(["run"])

@@ -1,5 +1,5 @@
 """`lmline run` without PREFECT_API_URL: Prefect's temporary server, launched by lmline itself at the
-command's start (lmline/cli/pipeline.py TemporaryPrefect). The run must land in the local Prefect
+command's start (lmline/temporary_prefect.py). The run must land in the local Prefect
 database, as in Prefect's own ephemeral mode, the summary must say how to see it, and the server must be
 gone when the command ends."""
 
@@ -36,6 +36,11 @@ def test_a_run_without_a_server_is_recorded_in_the_local_database_and_leaves_no_
     with sqlite3.connect(root / "prefect-home" / "prefect.db") as db:
         flow_runs = db.execute("SELECT id, state_type FROM flow_run").fetchall()
         task_runs = db.execute("SELECT name, state_type FROM task_run").fetchall()
+        events = [e for (e,) in db.execute("SELECT event FROM events")]
     assert [(str(i), s) for i, s in flow_runs] == [(link.group(1), "COMPLETED")]
     assert [s for name, s in task_runs if name.startswith("ingest")] == ["COMPLETED"]
+    # The task run's states reached the server as events; no flow-run heartbeat did: they are off for a
+    # server that ends with the run (stopping their thread made every flow's end wait up to a second).
+    assert "prefect.task-run.Completed" in events
+    assert "prefect.flow-run.heartbeat" not in events
     assert servers_of(root / "prefect-home") == []
