@@ -195,6 +195,7 @@ class Host:
         self.preload = [*PRELOAD, SPLIT]
         self.training: socket.socket | None = None  # the first host's channel to the training host
         self.training_pid: int | None = None
+        self.training_pidfd: int | None = None  # readable once the training host has exited
         self.channel: socket.socket | None = None  # the training host's, from the first host
 
     def serve(self) -> None:
@@ -212,6 +213,8 @@ class Host:
                     self.stop_child(pid)  # the handing process went away: its stage goes too
                 elif kind == "exited":
                     self.reap(pid)
+                elif kind == "training_exited":
+                    self.training_exited()
             self.kill_overdue()
             if not events and self.preload:
                 self.next_step()
@@ -241,7 +244,8 @@ class Host:
         pid = os.fork()
         if pid:
             theirs.close()
-            self.training, self.training_pid = ours, pid
+            self.training, self.training_pid, self.training_pidfd = ours, pid, os.pidfd_open(pid)
+            self.selector.register(self.training_pidfd, selectors.EVENT_READ, "training_exited")
             return
         guard.die_with_parent(signal.SIGTERM, parent)  # with the first host, whose own stop_all ends it first
         self.close_inherited()
@@ -258,10 +262,22 @@ class Host:
         for sock in (self.training, self.channel):
             if sock is not None:
                 sock.close()
+        if self.training_pidfd is not None:
+            os.close(self.training_pidfd)
         for child in self.children.values():
             if child["conn"] is not None:
                 child["conn"].close()
             os.close(child["pidfd"])
+
+    def training_exited(self) -> None:
+        """The training host ended before this host (killed, or it crashed): reap it at once, not as a
+        zombie at this host's end, and serve the training stages here from now on (hand_on: no host)."""
+        self.selector.unregister(self.training_pidfd)
+        os.close(self.training_pidfd)
+        os.waitpid(self.training_pid, 0)
+        if self.training is not None:  # hand_on closes it when a send to the dead host fails
+            self.training.close()
+        self.training = self.training_pid = self.training_pidfd = None
 
     def take(self, source: socket.socket) -> None:
         """One request: from the handing process's connection (`source`), or, in the training host, from

@@ -303,6 +303,37 @@ def test_a_data_stage_is_not_held_by_the_training_hosts_imports(tmp_path):
     assert not os.path.exists(address), "the first host removes its socket as it ends"
 
 
+def test_a_training_host_that_dies_is_reaped_and_its_stages_run_in_the_first_host(tmp_path):
+    """Killed (or crashed while importing), the training host is reaped by the first host at once, not
+    left a zombie until the run ends, and the stages it would have served are forked by the first host."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    address = str(tmp_path / "socket")
+    code = "import sys; from lmline import stage_host as h; h.PRELOAD = (); "
+    code += "h.TRAINING_PRELOAD = ('probe',); h.main(sys.argv[1:])"
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+    try:
+        wait_for(lambda: psutil.Process(host.pid).children(), "the training host", 60, [host])
+        [training_host] = psutil.Process(host.pid).children()
+        training_host.kill()
+
+        def reaped() -> bool:  # a killed child stays in the process table, a zombie, until it is reaped
+            try:
+                training_host.status()
+            except psutil.NoSuchProcess:
+                return True
+            return False
+
+        wait_for(reaped, "the first host to reap its training host", 30, [host])
+        hand = "import sys; from lmline import stage_host as h; "
+        hand += f"sys.exit(h.hand_over(['probe', 'out.json'], {address!r}, 'probe:main', 'probe'))"
+        assert subprocess.run([sys.executable, "-c", hand], cwd=tmp_path, env=env, timeout=60).returncode == 0
+        assert json.loads((tmp_path / "out.json").read_text())["parent"] == host.pid
+    finally:
+        host.terminate()
+        host.wait(timeout=30)
+
+
 def test_every_preload_step_names_what_there_is():
     """A step that names nothing would fail quietly (the stage imports or builds it itself, slower): the
     function steps name private MLflow functions, which an upgrade may rename."""
