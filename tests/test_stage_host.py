@@ -4,6 +4,7 @@ test_flow.py and the kill -9 tests in test_faults.py."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -216,6 +217,17 @@ GATE = textwrap.dedent(
 )
 
 
+def start_host(tmp_path: Path, preload: tuple, training_preload: tuple) -> tuple[subprocess.Popen, str, dict]:
+    """A host on tmp_path/socket whose preload steps are the test's own modules (in tmp_path):
+    (its process, its address, the environment its requests carry)."""
+    address = str(tmp_path / "socket")
+    code = f"import sys; from lmline import stage_host as h; h.PRELOAD = {preload!r}; "
+    code += f"h.TRAINING_PRELOAD = {training_preload!r}; h.main(sys.argv[1:])"
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+    return host, address, env
+
+
 def test_a_stage_is_answered_while_the_host_is_busy_importing(tmp_path):
     """The child answers its handing process itself: a host in the middle of importing torch (seconds)
     must not hold a finished stage's `dvc repro`, nor the flow behind it, until the import ends."""
@@ -223,11 +235,7 @@ def test_a_stage_is_answered_while_the_host_is_busy_importing(tmp_path):
         (tmp_path / f"{name}.py").write_text(GATE)
     # the stage ends while the host is busy with gate_b
     (tmp_path / "quick.py").write_text(GATE.replace('__name__ + ".go"', '"gate_b.started"') + "main = lambda: 7\n")
-    address = str(tmp_path / "socket")
-    code = "import sys; from lmline import stage_host as h; h.PRELOAD = ('gate_a', 'gate_b'); "
-    code += "h.TRAINING_PRELOAD = (); h.main(sys.argv[1:])"
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+    host, address, env = start_host(tmp_path, ("gate_a", "gate_b"), ())
     try:
         wait_for(lambda: (tmp_path / "gate_a.started").exists(), "the host's first import", 60, ())
         # A request while the host imports gate_a: taken when that import ends, before gate_b's begins.
@@ -268,24 +276,22 @@ PROBE = textwrap.dedent(
 )
 
 
+def hand_probe(tmp_path: Path, address: str, env: dict, out: str, needs: str | None) -> dict:
+    """Hand `probe` (writing to `out`) to the host as `lmline stage` hands itself over; what it wrote."""
+    hand = f"import sys; from lmline import stage_host as h; sys.exit(h.hand_over(['probe', {out!r}], "
+    hand += f"{address!r}, 'probe:main', {needs!r}))"
+    assert subprocess.run([sys.executable, "-c", hand], cwd=tmp_path, env=env, timeout=60).returncode == 0
+    return json.loads((tmp_path / out).read_text())
+
+
 def test_a_data_stage_is_not_held_by_the_training_hosts_imports(tmp_path):
     """The training stages' modules (torch: seconds, one import step) are the training host's to import:
     a data stage asking meanwhile is forked at once by the first host; a stage that needs them waits for
     the training host, which was forked from the first host and forks it with them imported."""
     (tmp_path / "gate_t.py").write_text(GATE)
     (tmp_path / "probe.py").write_text(PROBE)
-    address = str(tmp_path / "socket")
-    code = "import sys; from lmline import stage_host as h; h.PRELOAD = (); "
-    code += "h.TRAINING_PRELOAD = ('gate_t', 'probe:remember'); h.main(sys.argv[1:])"
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
-
-    def probe(out: str, needs: str | None) -> dict:
-        hand = f"import sys; from lmline import stage_host as h; sys.exit(h.hand_over(['probe', {out!r}], "
-        hand += f"{address!r}, 'probe:main', {needs!r}))"
-        assert subprocess.run([sys.executable, "-c", hand], cwd=tmp_path, env=env, timeout=60).returncode == 0
-        return json.loads((tmp_path / out).read_text())
-
+    host, address, env = start_host(tmp_path, (), ("gate_t", "probe:remember"))
+    probe = functools.partial(hand_probe, tmp_path, address, env)
     try:
         wait_for(lambda: (tmp_path / "gate_t.started").exists(), "the training host's import", 60, ())
         [training_host] = psutil.Process(host.pid).children()
@@ -307,11 +313,7 @@ def test_a_training_host_that_dies_is_reaped_and_its_stages_run_in_the_first_hos
     """Killed (or crashed while importing), the training host is reaped by the first host at once, not
     left a zombie until the run ends, and the stages it would have served are forked by the first host."""
     (tmp_path / "probe.py").write_text(PROBE)
-    address = str(tmp_path / "socket")
-    code = "import sys; from lmline import stage_host as h; h.PRELOAD = (); "
-    code += "h.TRAINING_PRELOAD = ('probe',); h.main(sys.argv[1:])"
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    host = subprocess.Popen([sys.executable, "-c", code, address, str(os.getpid())], cwd=tmp_path, env=env)
+    host, address, env = start_host(tmp_path, (), ("probe",))
     try:
         wait_for(lambda: psutil.Process(host.pid).children(), "the training host", 60, [host])
         [training_host] = psutil.Process(host.pid).children()
@@ -325,10 +327,7 @@ def test_a_training_host_that_dies_is_reaped_and_its_stages_run_in_the_first_hos
             return False
 
         wait_for(reaped, "the first host to reap its training host", 30, [host])
-        hand = "import sys; from lmline import stage_host as h; "
-        hand += f"sys.exit(h.hand_over(['probe', 'out.json'], {address!r}, 'probe:main', 'probe'))"
-        assert subprocess.run([sys.executable, "-c", hand], cwd=tmp_path, env=env, timeout=60).returncode == 0
-        assert json.loads((tmp_path / "out.json").read_text())["parent"] == host.pid
+        assert hand_probe(tmp_path, address, env, "out.json", "probe")["parent"] == host.pid
     finally:
         host.terminate()
         host.wait(timeout=30)
